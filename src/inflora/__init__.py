@@ -1,0 +1,1 @@
+"""InfLoRA: interference-free low-rank adaptation for continual learning."""
