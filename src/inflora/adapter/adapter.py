@@ -1,0 +1,378 @@
+"""The InfLoRA adapter: wraps a model's layers, designs branches, keeps the memory, merges, saves and loads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .design import DESIGNS, Design, Projection, design_down
+from .layers import LoRALinear
+from .memory import Energy, SubspaceMemory, threshold
+from .targets import find_sites
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class InfLoRAConfig:
+    """How the adapter designs, trains and remembers (defaults: faithful to the reference implementation)."""
+
+    rank: int = 10
+    """Rank r of each task's branch."""
+    lamb: float = 0.95
+    """Memory energy threshold at the first task (``eps_0``)."""
+    lame: float = 1.0
+    """Threshold the schedule moves towards: ``eps_t = lamb + (lame - lamb) * t / num_tasks``."""
+    num_tasks: int | None = None
+    """Total number of tasks T of the threshold schedule (None: ``lamb`` for every task)."""
+    memory: Literal["dualgpm", "gpm"] = "dualgpm"
+    """DualGPM (basis or complement, switching at d/2) or plain GPM (basis only)."""
+    energy: Energy = "faithful"
+    """Energy rule: "faithful" (squared singular values of the second moment) or "gpm" (of the inputs)."""
+    projection: Projection = "one-sided"
+    """Old-space removal before the SVD: "one-sided" (reference) or "two-sided" (paper)."""
+    design: Design = "inflora"
+    """Down-projection: "inflora", or the ablations "new-task", "complement", "random"."""
+    train_down: bool = False
+    """Also train D (SeqLoRA: plain LoRA, both factors trained)."""
+    update_memory: bool = True
+    """Grow the memory after each task (False for SeqLoRA)."""
+    merge: bool = True
+    """Merge each finished task's branch into the frozen weight (False keeps branches for inspection)."""
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not (0.0 < self.lamb <= 1.0 and 0.0 < self.lame <= 1.0):
+            raise ValueError(f"thresholds lamb={self.lamb}, lame={self.lame} must lie in (0, 1]")
+        if self.num_tasks is not None and self.num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {self.num_tasks}")
+        choices = {"memory": ("dualgpm", "gpm"), "energy": ("faithful", "gpm"),
+                   "projection": ("one-sided", "two-sided"), "design": DESIGNS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class Site:
+    """A group of adapted layers sharing one input: its memory and its designed down-projections."""
+
+    name: str
+    layers: list[tuple[str, LoRALinear]]
+    dim: int
+    block: int | None
+    memory: SubspaceMemory
+    downs: list[torch.Tensor]
+
+    @property
+    def stats_layer(self) -> LoRALinear:
+        return self.layers[0][1]
+
+
+class InfLoRAAdapter:
+    """InfLoRA attached to a model. Create it with :func:`attach`.
+
+    Task life cycle: ``begin_task(stats)`` designs ``D_t`` per site and adds zero ``U_t`` (the only trainable
+    adapter parameters); train with any loop; ``end_task(stats)`` grows the memory and merges the branch.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[Site], config: InfLoRAConfig, preset: str | None,
+                 targets: str | Sequence[str] | None, blocks: int | Sequence[int] | None) -> None:
+        self.model = model
+        self.sites: dict[str, Site] = {s.name: s for s in sites}
+        self.config = config
+        self.target_spec = {"preset": preset, "targets": targets, "blocks": blocks}
+        self.task = 0  # number of finished tasks
+        self.in_task = False
+        self.merged: list[bool] = []
+        self.added: list[dict[str, int]] = []  # directions added to each site's memory, per finished task
+        self.generator: torch.Generator | None = None
+        self._merged_branches: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # ------------------------------------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.sites.values())).stats_layer.base.weight.device
+
+    @property
+    def current_task(self) -> int:
+        """Index of the task being trained (or about to be)."""
+        return self.task
+
+    def layers(self) -> dict[str, LoRALinear]:
+        """All wrapped layers by module name."""
+        return {name: layer for site in self.sites.values() for name, layer in site.layers}
+
+    def threshold(self, task: int | None = None) -> float:
+        """Memory threshold ``eps_t`` of ``task`` (default: the current one)."""
+        t = self.task if task is None else task
+        return threshold(t, self.config.num_tasks, self.config.lamb, self.config.lame)
+
+    def memory_dims(self) -> dict[str, tuple[str, int]]:
+        """``{site: (mode, stored basis columns)}``; mode is "basis" or "complement"."""
+        return {name: (s.memory.mode, s.memory.size) for name, s in self.sites.items()}
+
+    def memory_spans(self) -> dict[str, int]:
+        """``{site: dimension of the old tasks' input space held}`` (whatever the mode)."""
+        return {name: s.memory.memory_dim for name, s in self.sites.items()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The current task's trainable adapter parameters (``U_t``; also ``D_t`` with ``train_down``)."""
+        if not self.in_task:
+            return []
+        params: list[nn.Parameter] = []
+        for site in self.sites.values():
+            for _, layer in site.layers:
+                branch = layer.branch(self.task)
+                params.append(branch.up)
+                if isinstance(branch.down, nn.Parameter):
+                    params.append(branch.down)
+        return params
+
+    def _check_stats(self, stats: Mapping[str, torch.Tensor]) -> None:
+        if not isinstance(stats, Mapping):
+            raise TypeError(f"stats must be a mapping site -> second moment, got {type(stats).__name__}")
+        missing = sorted(set(self.sites) - set(stats))
+        unexpected = sorted(set(stats) - set(self.sites))
+        if missing or unexpected:
+            raise ValueError(f"stats do not belong to this adapter's model: missing sites {missing[:5]}, "
+                             f"unexpected sites {unexpected[:5]} (collect them with collect_input_stats on this "
+                             "model and adapter)")
+        for name, site in self.sites.items():
+            shape = tuple(stats[name].shape)
+            if shape != (site.dim, site.dim):
+                raise ValueError(f"stats for site {name!r} have shape {shape}, expected ({site.dim}, {site.dim})")
+            if not torch.isfinite(stats[name]).all():
+                raise ValueError(f"stats for site {name!r} contain NaN or inf")
+
+    # ------------------------------------------------------------------------------------------------ tasks
+    def begin_task(self, stats: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Design ``D_t`` for every site, add zero-initialised ``U_t`` and make only the new branch trainable.
+
+        ``stats`` are the new task's input statistics (:func:`collect_input_stats` with the current model); the
+        "random" and "complement" designs do not need them. Returns the designed ``{site: D_t}``.
+        """
+        if self.in_task:
+            raise RuntimeError(f"task {self.task} has begun and not ended: call end_task first")
+        if self.config.num_tasks is not None and self.task >= self.config.num_tasks:
+            raise RuntimeError(f"all {self.config.num_tasks} tasks of the schedule are done")
+        needs_stats = self.config.design in ("inflora", "new-task")
+        if needs_stats:
+            if stats is None:
+                raise ValueError(f"design {self.config.design!r} needs the new task's input statistics")
+            self._check_stats(stats)
+        for layer in self.layers().values():
+            for p in layer.parameters():
+                p.requires_grad_(False)
+        designed = {}
+        for name, site in self.sites.items():
+            moment = stats[name] if needs_stats and stats is not None else None
+            down = design_down(moment, site.memory, self.config.rank, design=self.config.design,
+                               projection=self.config.projection, generator=self.generator)
+            down = down.to(dtype=site.stats_layer.base.weight.dtype)
+            site.downs.append(down)
+            for _, layer in site.layers:
+                branch = layer.add_branch(self.task, down, train_down=self.config.train_down)
+                for p in branch.parameters():
+                    p.requires_grad_(True)
+            designed[name] = down
+        self.in_task = True
+        return designed
+
+    def end_task(self, stats: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+        """Finish the current task: grow each site's memory with ``stats`` (the task's input statistics with the
+        trained branch) at threshold ``eps_t``, freeze the branch and merge it (``config.merge``).
+
+        Returns ``{site: directions added to its old space}``.
+        """
+        if not self.in_task:
+            raise RuntimeError("no task in progress: call begin_task first")
+        added = {name: 0 for name in self.sites}
+        if self.config.update_memory:
+            if stats is None:
+                raise ValueError("end_task needs the task's input statistics to update the memory")
+            self._check_stats(stats)
+            eps = self.threshold()
+            for name, site in self.sites.items():
+                added[name] = site.memory.update(stats[name], eps)
+        for layer in self.layers().values():
+            for p in layer.branch(self.task).parameters():
+                p.requires_grad_(False)
+        self.merged.append(False)
+        self.added.append(added)
+        self.in_task = False
+        self.task += 1
+        if self.config.merge:
+            self.merge_branches()
+        return added
+
+    @torch.no_grad()
+    def merge_branches(self) -> int:
+        """Merge every finished, unmerged branch into its frozen weight (in task order). Returns how many."""
+        count = 0
+        for t in range(self.task):
+            if self.merged[t]:
+                continue
+            for site in self.sites.values():
+                self._merged_branches[(site.name, t)] = [layer.merge_branch(t) for _, layer in site.layers]
+            self.merged[t] = True
+            count += 1
+        return count
+
+    def branch_tensors(self, site: str, task: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(D, U)`` of task ``task``'s branch for each layer of ``site``, merged or not."""
+        if (site, task) in self._merged_branches:
+            return self._merged_branches[(site, task)]
+        return [(layer.branch(task).down.detach(), layer.branch(task).up.detach()) for _, layer in
+                self.sites[site].layers]
+
+    # ------------------------------------------------------------------------------------------------ export
+    @torch.no_grad()
+    def detach(self) -> nn.Module:
+        """Merge all finished branches and put the plain ``nn.Linear`` layers back. Returns the model.
+
+        The adapter is unusable afterwards. Call between tasks only.
+        """
+        if self.in_task:
+            raise RuntimeError("cannot detach during a task: call end_task first")
+        self.merge_branches()
+        for site in self.sites.values():
+            for name, layer in site.layers:
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                setattr(parent, child, layer.base)
+        self.sites = {}
+        return self.model
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the adapter owns, as tensors only: config, task counter, per site the memory (basis and
+        mode), designed down-projections and up-projections of every branch, merged flags.
+
+        Keys: ``meta`` (JSON as uint8), ``site{i}.memory``, ``site{i}.layer{j}.down{t}``, ``site{i}.layer{j}.up{t}``.
+        """
+        n_branches = self.task + (1 if self.in_task else 0)
+        meta = {
+            "format": STATE_FORMAT,
+            "config": asdict(self.config),
+            "target_spec": self.target_spec,
+            "sites": [{"name": s.name, "layers": [n for n, _ in s.layers], "dim": s.dim,
+                       "mode": s.memory.mode} for s in self.sites.values()],
+            "task": self.task,
+            "in_task": self.in_task,
+            "merged": self.merged,
+            "added": self.added,
+        }
+        state = {"meta": torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)}
+        for i, site in enumerate(self.sites.values()):
+            state[f"site{i}.memory"] = site.memory.basis.detach().cpu().clone()
+            for t in range(n_branches):
+                for j, (down, up) in enumerate(self.branch_tensors(site.name, t)):
+                    state[f"site{i}.layer{j}.down{t}"] = down.cpu().clone()
+                    state[f"site{i}.layer{j}.up{t}"] = up.cpu().clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore a saved state into this freshly attached adapter (on the same, unmodified model).
+
+        Branches are rebuilt and merged in the saved order, so the weights equal the saved model's bit for bit.
+        """
+        if self.task or self.in_task:
+            raise RuntimeError("load_state_dict needs a freshly attached adapter (no task begun yet)")
+        if "meta" not in state:
+            raise ValueError("not an InfLoRA adapter state: no 'meta' entry")
+        try:
+            meta = json.loads(bytes(state["meta"].tolist()).decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"corrupt adapter state: unreadable meta ({exc})") from exc
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"adapter state format {meta.get('format')} is not supported (expected {STATE_FORMAT})")
+        mine = asdict(self.config)
+        differ = sorted(k for k in mine if k in meta["config"] and meta["config"][k] != mine[k])
+        if differ:
+            details = ", ".join(f"{k}: saved {meta['config'][k]!r} vs attached {mine[k]!r}" for k in differ)
+            raise ValueError(f"adapter config differs from the saved state: {details}")
+        saved_sites = [(s["name"], s["dim"]) for s in meta["sites"]]
+        my_sites = [(s.name, s.dim) for s in self.sites.values()]
+        if saved_sites != my_sites:
+            raise ValueError(f"saved state has sites {saved_sites[:3]}... ({len(saved_sites)}), this adapter has "
+                             f"{my_sites[:3]}... ({len(my_sites)}): attach with the same model and targets")
+        n_tasks, in_task = int(meta["task"]), bool(meta["in_task"])
+        try:
+            for i, site in enumerate(self.sites.values()):
+                site.memory.load(state[f"site{i}.memory"], meta["sites"][i]["mode"])
+            for t in range(n_tasks + (1 if in_task else 0)):
+                for i, site in enumerate(self.sites.values()):
+                    for j, (_, layer) in enumerate(site.layers):
+                        down = state[f"site{i}.layer{j}.down{t}"]
+                        if j == 0:
+                            site.downs.append(down.to(self.device, site.stats_layer.base.weight.dtype))
+                        branch = layer.add_branch(t, down, train_down=self.config.train_down)
+                        branch.up.copy_(state[f"site{i}.layer{j}.up{t}"])
+                        branch.requires_grad_(t == n_tasks)
+                if t < n_tasks:
+                    self.task, self.merged = t + 1, [*self.merged, False]
+                    if meta["merged"][t]:
+                        self.merge_branches()
+        except KeyError as exc:
+            raise ValueError(f"corrupt adapter state: missing tensor {exc}") from exc
+        self.task, self.in_task = n_tasks, in_task
+        self.merged = [bool(m) for m in meta["merged"]]
+        self.added = [dict(a) for a in meta.get("added", [])]
+
+
+def attach(
+    model: nn.Module,
+    preset: str | None = None,
+    *,
+    targets: str | Sequence[str] | None = None,
+    blocks: int | Sequence[int] | None = None,
+    config: InfLoRAConfig | None = None,
+    freeze: bool = True,
+    **options: object,
+) -> InfLoRAAdapter:
+    """Attach InfLoRA to ``model`` by wrapping the selected ``nn.Linear`` layers in place.
+
+    Choose layers with a ``preset`` (see ``inflora.PRESETS``: ``"timm-vit-kv"``, ``"bert-kv"``) or ``targets``
+    (regex or list of regexes over module names); ``blocks`` keeps the first N blocks (int) or given indices.
+    Options are :class:`InfLoRAConfig` fields (``rank=10``, ``lamb=0.95``, ``num_tasks=10``, ...), or pass a
+    ``config``. ``freeze`` (default) freezes every parameter of ``model``: InfLoRA trains only its branches.
+    """
+    known = {f.name for f in fields(InfLoRAConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown InfLoRA option(s) {unknown}; valid options: {', '.join(sorted(known))}")
+    if config is not None and options:
+        raise TypeError("give either config=... or individual options, not both")
+    config = config or InfLoRAConfig(**options)  # type: ignore[arg-type]
+    config.validate()
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model already has InfLoRA layers attached")
+    specs = find_sites(model, preset=preset, targets=targets, blocks=blocks)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    sites = []
+    for spec in specs:
+        wrapped = []
+        for name, slices in zip(spec.layers, spec.slices, strict=True):
+            base = model.get_submodule(name)
+            if config.rank > base.in_features:
+                raise ValueError(f"rank {config.rank} exceeds the input width {base.in_features} of layer {name!r}")
+            layer = LoRALinear(base, slices)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer)
+            wrapped.append((name, layer))
+        dim = wrapped[0][1].in_features
+        memory = SubspaceMemory(dim, dual=config.memory == "dualgpm", energy=config.energy,
+                                device=wrapped[0][1].base.weight.device)
+        sites.append(Site(spec.name, wrapped, dim, spec.block, memory, []))
+    return InfLoRAAdapter(model, sites, config, preset, targets, blocks)

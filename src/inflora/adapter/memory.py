@@ -1,0 +1,167 @@
+"""Subspace memory of old tasks' input spaces (GPM / DualGPM), one per adapted site.
+
+Implements section 4 of the method specification. All linear algebra runs in float64 on the tensors' device.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Mode = Literal["basis", "complement"]
+Energy = Literal["faithful", "gpm"]
+
+
+def threshold(task: int, num_tasks: int | None, lamb: float, lame: float) -> float:
+    """Energy threshold of task ``task`` (0-based): ``eps_t = lamb + (lame - lamb) * t / T``.
+
+    With ``num_tasks`` unknown (``None``) the schedule cannot be computed and ``lamb`` is used for every task.
+    """
+    if num_tasks is None:
+        return float(lamb)
+    return float(lamb + (lame - lamb) * task / num_tasks)
+
+
+def energies(singular_values: torch.Tensor, energy: Energy) -> torch.Tensor:
+    """Energy of each direction: ``S**2`` of the second moment (faithful to the reference) or ``S`` ("gpm").
+
+    The second moment's singular values are the squared singular values of the input matrix, so ``"gpm"``
+    equals the classic GPM energy (squared singular values of the inputs).
+    """
+    if energy == "faithful":
+        return singular_values**2
+    if energy == "gpm":
+        return singular_values
+    raise ValueError(f"unknown energy rule {energy!r}: expected 'faithful' or 'gpm'")
+
+
+class SubspaceMemory:
+    """Orthonormal basis of the old tasks' input space of one layer, or of its orthogonal complement.
+
+    ``mode == "basis"``: ``basis`` (d, k) spans the old space. ``mode == "complement"``: ``basis`` (d, q) spans its
+    orthogonal complement (DualGPM keeps whichever is smaller). ``dual=False`` is plain GPM (basis mode only).
+    """
+
+    def __init__(self, dim: int, dual: bool = True, energy: Energy = "faithful", device: torch.device | None = None):
+        self.dim = int(dim)
+        self.dual = bool(dual)
+        energies(torch.ones(1), energy)  # validates the rule
+        self.energy: Energy = energy
+        self.mode: Mode = "basis"
+        self.basis = torch.zeros(self.dim, 0, dtype=torch.float64, device=device)
+
+    # ----------------------------------------------------------------------------------------------- queries
+    @property
+    def size(self) -> int:
+        """Number of stored columns (of the old-space basis, or of the complement's basis)."""
+        return int(self.basis.shape[1])
+
+    @property
+    def memory_dim(self) -> int:
+        """Dimension of the old tasks' input space held by the memory."""
+        return self.size if self.mode == "basis" else self.dim - self.size
+
+    @property
+    def is_empty(self) -> bool:
+        return self.mode == "basis" and self.size == 0
+
+    def old_projector(self) -> torch.Tensor:
+        """Orthogonal projector onto the old space (d, d)."""
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.basis.device)
+        inner = self.basis @ self.basis.T
+        return inner if self.mode == "basis" else eye - inner
+
+    def new_projector(self) -> torch.Tensor:
+        """Orthogonal projector onto the complement of the old space (d, d)."""
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.basis.device)
+        return eye - self.old_projector()
+
+    def remove_old(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Project the old space out of ``matrix``'s columns: ``(I - M M^T) C`` or ``Q Q^T C`` (one-sided)."""
+        matrix = matrix.to(self.basis)
+        if self.is_empty:
+            return matrix.clone()
+        proj = self.basis @ (self.basis.T @ matrix)
+        return matrix - proj if self.mode == "basis" else proj
+
+    # ----------------------------------------------------------------------------------------------- update
+    def update(self, moment: torch.Tensor, eps: float) -> int:
+        """Grow the memory with the new task's second moment ``moment`` at threshold ``eps``.
+
+        Returns the number of directions added to the old space (0 when nothing changed).
+        """
+        c = moment.to(device=self.basis.device, dtype=torch.float64)
+        if c.shape != (self.dim, self.dim):
+            raise ValueError(f"second moment has shape {tuple(c.shape)}, expected ({self.dim}, {self.dim})")
+        if not torch.isfinite(c).all():
+            raise ValueError("second moment contains NaN or inf")
+        u, s, _ = torch.linalg.svd(c)
+        e = energies(s, self.energy)
+        total = float(e.sum())
+        if total <= 0.0:
+            return 0
+        if self.is_empty:
+            ratio = torch.cumsum(e, 0) / total
+            k = max(1, int((ratio < eps).sum()))
+            self.basis = u[:, :k].contiguous()
+            added = k
+        elif self.mode == "basis":
+            added = self._update_basis(c, total, eps)
+        else:
+            added = self._update_complement(c, total, eps)
+        if self.dual and self.mode == "basis" and self.size > self.dim / 2:
+            u_full, _, _ = torch.linalg.svd(self.basis, full_matrices=True)
+            self.basis = u_full[:, self.size :].contiguous()
+            self.mode = "complement"
+        return added
+
+    def _update_basis(self, c: torch.Tensor, total: float, eps: float) -> int:
+        u, s, _ = torch.linalg.svd(self.remove_old(c))
+        e = energies(s, self.energy)
+        acc = (total - float(e.sum())) / total
+        r = 0
+        for value in (e / total).tolist():
+            if acc >= eps:
+                break
+            acc += value
+            r += 1
+        if r == 0:
+            return 0
+        self.basis = torch.cat([self.basis, u[:, :r]], dim=1)[:, : self.dim].contiguous()
+        return r
+
+    def _update_complement(self, c: torch.Tensor, total: float, eps: float) -> int:
+        u, s, _ = torch.linalg.svd(self.remove_old(c))
+        e = energies(s, self.energy)
+        acc = float(e.sum()) / total
+        r = 0
+        for value in (e / total).tolist():
+            if acc < 1.0 - eps:
+                break
+            acc -= value
+            r += 1
+        if r == 0:
+            return 0
+        q = self.basis
+        shrunk = q - u[:, :r] @ (u[:, :r].T @ q)
+        u_q, _, _ = torch.linalg.svd(shrunk, full_matrices=False)
+        keep = max(self.size - r, 0)
+        self.basis = u_q[:, :keep].contiguous()
+        return min(r, self.size)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state(self) -> tuple[torch.Tensor, Mode]:
+        return self.basis, self.mode
+
+    def load(self, basis: torch.Tensor, mode: Mode) -> None:
+        if mode not in ("basis", "complement"):
+            raise ValueError(f"unknown memory mode {mode!r}")
+        if basis.ndim != 2 or basis.shape[0] != self.dim:
+            raise ValueError(f"memory basis has shape {tuple(basis.shape)}, expected ({self.dim}, k)")
+        self.basis = basis.to(device=self.basis.device, dtype=torch.float64).contiguous()
+        self.mode = mode
+
+    def to(self, device: torch.device | str) -> SubspaceMemory:
+        self.basis = self.basis.to(device)
+        return self

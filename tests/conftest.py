@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models and data for CPU tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """The offline data folder: $INFLORA_DATA, else ../shared/data beside the project."""
+    for candidate in (os.environ.get("INFLORA_DATA"), ROOT.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "clinc150" / "data_full.json").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("offline data (../shared/data or $INFLORA_DATA) not found")
+    return path
+
+
+def tiny_vit(seed: int = 0, depth: int = 4) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0,
+                             depth=depth, embed_dim=48, num_heads=3)
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertModel(config).eval()
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
+
+
+@pytest.fixture
+def vit() -> nn.Module:
+    return tiny_vit()
