@@ -1,0 +1,48 @@
+"""Datasets, transforms and continual-learning scenarios.
+
+Importing this package registers the built-in datasets (see :func:`list_datasets`).
+"""
+
+from . import text, vision  # noqa: F401  (register the built-in datasets)
+from .base import (
+    ContinualDataset,
+    DataError,
+    ImageFileSplit,
+    ListSplit,
+    Split,
+    SubsetSplit,
+    TransformedSplit,
+)
+from .registry import (
+    DATASETS,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+    resolve_data_dir,
+    user_cache_dir,
+)
+from .scenarios import Scenario, Task, class_incremental, domain_incremental
+from .transforms import image_transforms
+from .vision import read_idx
+
+__all__ = [
+    "DATASETS",
+    "ContinualDataset",
+    "DataError",
+    "ImageFileSplit",
+    "ListSplit",
+    "Scenario",
+    "Split",
+    "SubsetSplit",
+    "Task",
+    "TransformedSplit",
+    "class_incremental",
+    "domain_incremental",
+    "image_transforms",
+    "list_datasets",
+    "load_dataset",
+    "read_idx",
+    "register_dataset",
+    "resolve_data_dir",
+    "user_cache_dir",
+]
