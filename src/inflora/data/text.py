@@ -38,7 +38,7 @@ def _fetch_missing(folder: Path, files: Sequence[str], base_url: str, download: 
         return
     raise DataError(
         f"missing {', '.join(missing)} in {folder} (looked for {', '.join(files)}). {how} "
-        f"Or pass --set data.download=true to fetch them from {base_url}"
+        f"Or pass --set data.options.download=true to fetch them from {base_url}"
     )
 
 

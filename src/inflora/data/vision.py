@@ -105,7 +105,7 @@ def cifar100(data_dir: Path, download: bool = False) -> ContinualDataset:
         raise DataError(
             f"CIFAR-100 not found (or corrupted) in {root}: expected the folder {root / 'cifar-100-python'} "
             f"(extracted from cifar-100-python.tar.gz, https://www.cs.toronto.edu/~kriz/cifar.html). "
-            f"Pass --set data.download=true to download it there. ({e})"
+            f"Pass --set data.options.download=true to download it there. ({e})"
         ) from e
     except OSError as e:
         raise DataError(f"could not download CIFAR-100 into {root}: {e}") from e

@@ -1,0 +1,82 @@
+"""Writing results (JSON, YAML config, summaries) and the readable tables the CLI prints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .metrics import mean_std
+
+SUMMARY_KEYS = ("final_accuracy", "average_accuracy", "final_accuracy_task_avg", "average_accuracy_task_avg",
+                "forgetting", "backward_transfer", "task_il_accuracy", "task_id_accuracy")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_yaml(path: Path, data: Any) -> None:
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def seeds_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds of every summary metric."""
+    out: dict[str, Any] = {"method": results[0]["method"], "benchmark": results[0]["benchmark"],
+                           "seeds": [r["seed"] for r in results]}
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in results if r.get(key) is not None]
+        if values:
+            mean, std = mean_std(values)
+            out[key] = {"mean": mean, "std": std, "values": values}
+    return out
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The accuracy matrix and the metrics of one run as text."""
+    lines = [f"{results['benchmark']} | method {results['method']} | seed {results['seed']} | "
+             f"{results['tasks_done']}/{results['num_tasks']} tasks | {results['eval_split']} split"]
+    width = results["tasks_done"]
+    header = "after task | " + " ".join(f"T{j + 1:>5}" for j in range(width)) + " |    A_t"
+    lines += [header, "-" * len(header)]
+    for i, row in enumerate(results["accuracy_matrix"]):
+        cells = " ".join(f"{a:6.1f}" for a in row) + " " * 7 * (width - len(row))
+        lines.append(f"{i + 1:>10} | {cells} | {results['accuracy_after_task'][i]:6.2f}")
+    timings = results["timings"]
+    train = sum(t["train_s"] for t in timings)
+    overhead = sum(t["stats_s"] + t["design_s"] + t["memory_s"] for t in timings)
+    lines.append("")
+    lines.append(f"final accuracy A_T      {results.get('final_accuracy', float('nan')):6.2f}   "
+                 f"(task-averaged {results.get('final_accuracy_task_avg', float('nan')):.2f})")
+    lines.append(f"average accuracy A_bar  {results.get('average_accuracy', float('nan')):6.2f}   "
+                 f"(task-averaged {results.get('average_accuracy_task_avg', float('nan')):.2f})")
+    lines.append(f"forgetting              {results.get('forgetting', float('nan')):6.2f}   "
+                 f"backward transfer {results.get('backward_transfer', float('nan')):.2f}")
+    lines.append(f"task-IL accuracy        {results.get('task_il_accuracy', float('nan')):6.2f}   "
+                 f"task-id accuracy {results.get('task_id_accuracy', float('nan')):.2f}")
+    share = f"{100 * overhead / train:.1f}% of training" if train > 0 else "n/a"
+    lines.append(f"time: training {train:.1f}s, statistics/design/memory {overhead:.1f}s ({share}), "
+                 f"evaluation {sum(t['eval_s'] for t in timings):.1f}s")
+    return "\n".join(lines)
+
+
+def format_seeds(summary: dict[str, Any]) -> str:
+    lines = [f"{summary['benchmark']} | method {summary['method']} | seeds {summary['seeds']}"]
+    for key in SUMMARY_KEYS:
+        if key in summary:
+            lines.append(f"{key:<26} {summary[key]['mean']:6.2f} +- {summary[key]['std']:.2f}")
+    return "\n".join(lines)
