@@ -23,6 +23,7 @@ from .config import RunConfig
 from .data import ContinualDataset, Scenario, TransformedSplit, class_incremental, domain_incremental, load_dataset
 from .data import image_transforms as make_image_transforms
 from .learners import LEARNERS, Learner
+from .sampling import LengthGroupedBatches
 
 log = logging.getLogger("inflora")
 
@@ -153,18 +154,31 @@ class Experiment:
         subset = source.subset(indices)
         return TransformedSplit(subset, self._transform(train_transforms), target_transform=self.scenario.global_label)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                lengths: list[int] | None = None) -> DataLoader:
+        """A loader over ``dataset``; shuffled text batches are grouped by ``lengths`` (less padding)."""
+        workers = self.config.train.num_workers
+        if shuffle and lengths is not None:
+            return DataLoader(dataset, batch_sampler=LengthGroupedBatches(lengths, batch_size, seed),
+                              num_workers=workers, collate_fn=self.backbone.collate)
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.config.train.num_workers, collate_fn=self.backbone.collate,
-                          drop_last=False)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                          collate_fn=self.backbone.collate, drop_last=False)
+
+    def _lengths(self, split: str, indices: list[int]) -> list[int] | None:
+        """Characters per text sample (a proxy for tokens); None for images."""
+        if self.dataset.modality != "text":
+            return None
+        source = getattr(self.dataset, split)
+        return [len(source.load(i)) for i in indices]
 
     def _eval_order(self, split: str, indices: list[int]) -> list[int]:
-        """Text: evaluate in order of length so batches carry little padding (results do not depend on order)."""
-        if self.dataset.modality != "text":
+        """Text: no-gradient passes go in order of length so batches carry little padding (sums and accuracies do
+        not depend on the order)."""
+        lengths = self._lengths(split, indices)
+        if lengths is None:
             return indices
-        source = getattr(self.dataset, split)
-        return sorted(indices, key=lambda i: len(source.load(i)))
+        return [i for _, i in sorted(zip(lengths, indices, strict=True))]
 
     def train_indices(self, task: int) -> list[int]:
         tasks = self.scenario.tasks[: task + 1] if self.learner.replays_past else [self.scenario.tasks[task]]
@@ -177,6 +191,7 @@ class Experiment:
         if limit is not None and limit < len(indices):
             rng = np.random.RandomState(task_seed(self.config.seed, task, 1) % 2**32)
             indices = sorted(rng.choice(indices, size=limit, replace=False).tolist())
+        indices = self._eval_order("train", indices)
 
         def make() -> Iterator[Any]:
             torch.manual_seed(task_seed(self.config.seed, task, 2))  # training transforms draw from torch's RNG
@@ -224,7 +239,8 @@ class Experiment:
         s.memory_dims.append({k: list(v) for k, v in adapter.memory_dims().items()} if adapter else {})
         s.tasks_done = task + 1
         log.info("task %d: accuracy on seen tasks %s (mean %.2f); train %.1fs, InfLoRA overhead %.1f%%", task + 1,
-                 " ".join(f"{a:.1f}" for a in row), metrics.accuracy_after(s.accuracy, task, self.test_counts()[: task + 1]),
+                 " ".join(f"{a:.1f}" for a in row),
+                 metrics.accuracy_after(s.accuracy, task, self.test_counts()[: task + 1]),
                  timings["train_s"], 100 * timings["overhead_share"])
 
     def train_task(self, task: int) -> float:
@@ -245,13 +261,16 @@ class Experiment:
         else:
             optimiser = torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay)
         amp = t.amp and self.device.type == "cuda"
-        dataset = self._split("train", self.train_indices(task), train_transforms=True)
+        indices = self.train_indices(task)
+        dataset = self._split("train", indices, train_transforms=True)
+        lengths = self._lengths("train", indices)
         learner.backbone.train()
         start = time.perf_counter()
         for epoch in range(t.epochs):
             for g in optimiser.param_groups:
                 g["lr"] = g["initial_lr"] * lr_factor(cfg, epoch)
-            loader = self._loader(dataset, t.batch_size, shuffle=True, seed=task_seed(cfg.seed, task, 10 + epoch))
+            loader = self._loader(dataset, t.batch_size, shuffle=True, seed=task_seed(cfg.seed, task, 10 + epoch),
+                                  lengths=lengths)
             bar = tqdm(loader, desc=f"task {task + 1}/{self.num_tasks} epoch {epoch + 1}/{t.epochs}",
                        disable=not self.progress, leave=False)
             seen, epoch_start = 0, time.perf_counter()
@@ -290,7 +309,7 @@ class Experiment:
     def align(self, task: int) -> None:
         """Classifier alignment: add the task's class statistics (test transforms), re-align the heads."""
         info = self.scenario.tasks[task]
-        dataset = self._split("train", list(info.train_indices), train_transforms=False)
+        dataset = self._split("train", self._eval_order("train", list(info.train_indices)), train_transforms=False)
         for features, labels in self._features(dataset):
             self.class_stats.add(features, labels)
         if task == 0 and self.scenario.kind == "class":
