@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("preset", nargs="?")
     conf.add_argument("--set", action="append", metavar="KEY=VALUE")
     conf.set_defaults(func=cmd_config)
+
+    from .export import add_export_commands
+
+    add_export_commands(sub)
     return parser
 
 
