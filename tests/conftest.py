@@ -53,3 +53,35 @@ def mlp(seed: int = 0) -> nn.Module:
 @pytest.fixture
 def vit() -> nn.Module:
     return tiny_vit()
+
+
+def make_image_folder(root: Path, classes: int = 4, train: int = 8, test: int = 4, size: int = 32,
+                      seed: int = 0) -> Path:
+    """A small real image-folder dataset: each class a distinct colour pattern plus noise, as PNG files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for c in range(classes):
+        base = rng.randint(0, 256, size=3)
+        for split, n in (("train", train), ("test", test)):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.clip(base + rng.randint(-40, 40, size=(size, size, 3)), 0, 255).astype("uint8")
+                img[: size // 2, :: 2 + c] = 255 - base  # class-specific stripes
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+TINY_VIT_OVERRIDES = [
+    "model.backbone=timm:vit_tiny_patch16_224",
+    "model.pretrained=false",
+    "model.options={img_size: 32, patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+    "data.name=image-folder",
+    "data.transforms=cifar",
+    "train.progress=false",
+    "train.batch_size=8",
+    "train.eval_batch_size=16",
+    "adapter.rank=4",
+]

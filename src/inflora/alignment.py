@@ -100,7 +100,7 @@ def align_heads(heads: TaskHeads, stats: ClassStatistics, classes: list[int], up
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            last = float(loss)
+            last = float(loss.detach())
     for p in params:
         p.requires_grad_(False)
     return last

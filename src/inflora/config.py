@@ -40,6 +40,7 @@ class ScenarioConfig:
 
     kind: Literal["class", "domain"] = opt("class", "class-incremental or domain-incremental")
     num_tasks: int = opt(10, "number of tasks T (class-incremental)")
+    classes_per_task: int | None = opt(None, "use only num_tasks x classes_per_task classes (default: all)")
     order: Literal["natural", "shuffled", "groups"] = opt("natural", "class order: natural, seeded shuffle, "
                                                                       "or the dataset's class groups")
     order_seed: int | None = opt(None, "seed of the shuffled class order (default: the run seed)")
@@ -177,6 +178,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -129,7 +129,7 @@ class Experiment:
                                       subsample_seed=self.config.seed)
         order_seed = self.config.seed if s.order_seed is None else s.order_seed
         return class_incremental(self.dataset, s.num_tasks, order=s.order, seed=order_seed,
-                                 max_train_per_class=s.max_train_per_class, subsample_seed=self.config.seed)
+                                 classes_per_task=s.classes_per_task, max_train_per_class=s.max_train_per_class, subsample_seed=self.config.seed)
 
     def _backbone(self) -> Backbone:
         m = self.config.model

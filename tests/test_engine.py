@@ -1,0 +1,103 @@
+"""End-to-end runs: a vision run on generated images with a tiny timm ViT, and the CLI around it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_VIT_OVERRIDES, make_image_folder
+
+from inflora import metrics
+from inflora.cli import main
+from inflora.config import load_config
+from inflora.engine import Experiment
+
+
+def vision_config(root: Path, *extra: str):
+    return load_config("clinc150", [*TINY_VIT_OVERRIDES, f"data.options={{root: {root}}}", "scenario.num_tasks=2",
+                                    "scenario.order=natural", "train.epochs=2", "train.lr=0.01", *extra])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def check_results(results: dict) -> None:
+    """results.json is complete and consistent with its own accuracy matrix."""
+    for key in ("method", "benchmark", "seed", "accuracy_matrix", "final_accuracy", "average_accuracy",
+                "forgetting", "task_il_accuracy", "timings", "memory_dims", "config"):
+        assert key in results, key
+    acc, counts = results["accuracy_matrix"], results["test_counts"]
+    assert [len(r) for r in acc] == list(range(1, results["num_tasks"] + 1))
+    assert all(0.0 <= a <= 100.0 for row in acc for a in row)
+    assert results["final_accuracy"] == pytest.approx(metrics.final_accuracy(acc, counts))
+    assert results["average_accuracy"] == pytest.approx(sum(results["accuracy_after_task"]) / len(acc))
+    assert results["forgetting"] == pytest.approx(metrics.forgetting(acc))
+    assert len(results["timings"]) == results["num_tasks"]
+    for t in results["timings"]:
+        assert t["train_s"] > 0 and t["eval_s"] > 0
+
+
+def test_vision_run_end_to_end(images: Path) -> None:
+    results = Experiment(vision_config(images)).run()
+    check_results(results)
+    assert results["memory_dims"][-1] and all(mode in ("basis", "complement")
+                                                 for mode, _ in results["memory_dims"][-1].values())
+    assert results["timings"][0]["stats_s"] > 0 and results["timings"][0]["design_s"] > 0
+    assert results["task_il_accuracy"] > 50.0  # 2 classes per task: coloured classes are learnable
+
+
+def test_seeded_run_repeats_exactly(images: Path) -> None:
+    a = Experiment(vision_config(images, "alignment.enabled=true", "alignment.epochs=1")).run()
+    b = Experiment(vision_config(images, "alignment.enabled=true", "alignment.epochs=1")).run()
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert a["memory_dims"] == b["memory_dims"]
+
+
+@pytest.mark.parametrize("method", ["seqlora", "joint", "frozen"])
+def test_every_learner_runs(images: Path, method: str) -> None:
+    results = Experiment(vision_config(images, f"method={method}", "train.epochs=1")).run()
+    check_results(results)
+    if method == "frozen":
+        assert all(t["stats_s"] == 0 for t in results["timings"])
+
+
+def test_cli_run_writes_results_config_and_log(images: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--quiet", "--seeds", "0,1"]
+    for o in [*TINY_VIT_OVERRIDES, f"data.options={{root: {images}}}", "scenario.num_tasks=2", "train.epochs=1"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "final accuracy" in printed and "+-" in printed
+    for seed in (0, 1):
+        results = json.loads((out / f"seed_{seed}" / "results.json").read_text())
+        check_results(results)
+        assert results["seed"] == seed
+        assert (out / f"seed_{seed}" / "config.yaml").is_file() and (out / f"seed_{seed}" / "run.log").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["final_accuracy"]) == {"mean", "std", "values"}
+    assert main(args) == 2  # the folder is not empty: refuse without --resume/--overwrite
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_cli_reports_bad_input_clearly(tmp_path: Path, capsys) -> None:
+    assert main(["run", "nope-preset"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["run", "--set", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.epoch'" in err and "train.epochs" in err
+    assert main(["run", "--set", "method=bogus"]) == 2
+    assert "inflora" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path / "missing"), "--quiet"]) == 1
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_presets_command_lists_every_preset(capsys) -> None:
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("clinc150", "banking77", "cifar100-10", "imagenet-r-5", "imagenet-r-10", "imagenet-r-20",
+                 "domainnet-5", "cifar100-10-b5"):
+        assert name in out
