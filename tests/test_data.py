@@ -135,7 +135,7 @@ def test_clinc150_missing_says_where_and_how(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_dataset("clinc150", tmp_path)
     msg = str(e.value)
-    assert str(tmp_path / "clinc150") in msg and "clinc/oos-eval" in msg and "data.download=true" in msg
+    assert str(tmp_path / "clinc150") in msg and "clinc/oos-eval" in msg and "data.options.download=true" in msg
 
 
 def test_banking77_missing_says_where_and_how(tmp_path: Path) -> None:
@@ -471,7 +471,7 @@ def test_domainnet_errors(tmp_path: Path) -> None:
 
 
 def test_cifar100_missing(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"data.download=true") as e:
+    with pytest.raises(DataError, match=r"data\.options\.download=true") as e:
         load_dataset("cifar100", tmp_path)
     assert str(tmp_path / "cifar100") in str(e.value)
 

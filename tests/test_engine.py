@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_VIT_OVERRIDES, make_image_folder
 
+from conftest import TINY_VIT_OVERRIDES, make_image_folder
 from inflora import metrics
 from inflora.cli import main
 from inflora.config import load_config

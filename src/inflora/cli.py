@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .config import ConfigError, RunConfig, describe_fields, list_presets, load_config, to_dict
 from .results import format_seeds, format_table, seeds_summary, write_json, write_yaml
 
@@ -55,9 +56,9 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if occupied and not (resume or overwrite):
         raise ConfigError(f"output folder {out} is not empty: pass --resume to continue that run or --overwrite "
                           "to replace it")
-    out.mkdir(parents=True, exist_ok=True)
     probe = out / ".write-test"
     try:
+        out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as exc:
@@ -65,15 +66,32 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool) -> dict[str, Any]:
-    """Run one seed into ``out``; write results.json, config.yaml and run.log. Returns the results."""
+    """Run one seed into ``out``; write results.json, config.yaml, run.log and a checkpoint after every task (rank 0
+    only under torchrun). ``resume``: continue from the last complete checkpoint, if any. Returns the results."""
+    from .checkpoint import check_config, check_free_space, clear_checkpoints, load_latest, restore, save_checkpoint
     from .engine import Experiment
 
-    _setup_logging(out / "run.log", quiet)
-    write_yaml(out / "config.yaml", to_dict(config))
+    main = distributed.is_main()
+    _setup_logging(out / "run.log" if main else None, quiet or not main)
+    checkpoint = load_latest(out) if resume else None
+    if checkpoint is not None:
+        check_config(checkpoint, config)  # before anything is written or built
+    elif resume:
+        log.info("--resume: no checkpoint in %s yet, starting from scratch", out)
+    if main:
+        if checkpoint is None:
+            clear_checkpoints(out)  # never resume later from an older run's checkpoints
+        write_yaml(out / "config.yaml", to_dict(config))
     log.info("run %s (method %s, seed %d) -> %s", config.benchmark, config.method, config.seed, out)
-    experiment = Experiment(config, progress=config.train.progress and not quiet)
+    experiment = Experiment(config, progress=config.train.progress and not quiet and main)
+    distributed.on_main(lambda: check_free_space(experiment, out))
+    if checkpoint is not None:
+        restore(experiment, checkpoint)
+    if main:
+        experiment.on_task_end.append(lambda e: save_checkpoint(e, out))
     results = experiment.run()
-    write_json(out / "results.json", results)
+    if main:
+        write_json(out / "results.json", results)
     return results
 
 
@@ -83,21 +101,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"data.data_dir={args.data_dir}")
     config = load_config(args.preset, overrides)
     seeds = _parse_seeds(args.seeds) or [config.seed]
-    out = Path(args.out) if args.out else default_out(config)
-    check_out_dir(out, args.resume, args.overwrite)
-    all_results = []
-    for seed in seeds:
-        config.seed = seed
-        target = out if len(seeds) == 1 else out / f"seed_{seed}"
-        results = run_one(config, target, args.resume, args.quiet)
-        all_results.append(results)
-        print(format_table(results))
-        print()
-    if len(seeds) > 1:
-        summary = seeds_summary(all_results)
-        write_json(out / "summary.json", summary)
-        print(format_seeds(summary))
-    print(f"results in {out}")
+    distributed.init_from_env(config.train.device)  # under torchrun: join the other ranks
+    finished = False
+    try:
+        main = distributed.is_main()
+        out = Path(distributed.broadcast_bytes(str(Path(args.out) if args.out else default_out(config)).encode())
+                   .decode())
+        distributed.on_main(lambda: check_out_dir(out, args.resume, args.overwrite))
+        all_results = []
+        for seed in seeds:
+            config.seed = seed
+            target = out if len(seeds) == 1 else out / f"seed_{seed}"
+            results = run_one(config, target, args.resume, args.quiet)
+            all_results.append(results)
+            if main:
+                print(format_table(results))
+                print()
+        if len(seeds) > 1 and main:
+            summary = seeds_summary(all_results)
+            write_json(out / "summary.json", summary)
+            print(format_seeds(summary))
+        if main:
+            print(f"results in {out}")
+        finished = True
+    finally:
+        distributed.shutdown(clean=finished)
     return 0
 
 
@@ -186,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         from .data import DataError
         from .engine import TrainingDiverged
 
-        if isinstance(exc, (DataError, BackboneError, TrainingDiverged, ValueError)):
+        if isinstance(exc, (DataError, BackboneError, TrainingDiverged, ValueError, OSError)):
             print(f"inflora: error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -12,18 +12,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import distributed, metrics
 from .alignment import ClassStatistics, align_heads
 from .backbones import Backbone, build_backbone
 from .batches import batch_size_of, move_to
-from .config import RunConfig
+from .checkpoint import fault
+from .config import ConfigError, RunConfig
 from .data import ContinualDataset, Scenario, TransformedSplit, class_incremental, domain_incremental, load_dataset
 from .data import image_transforms as make_image_transforms
 from .learners import LEARNERS, Learner
-from .sampling import LengthGroupedBatches
+from .sampling import GlobalBatches, LengthGroupedBatches, RankShares, SeededSamples, ShuffledBatches
 
 log = logging.getLogger("inflora")
 
@@ -50,11 +51,17 @@ def task_seed(seed: int, task: int, salt: int = 0) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a device; under torchrun, ``auto``/``cuda`` mean the local rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available")
+    if device.type == "cuda" and distributed.is_distributed():
+        if device.index is not None:
+            raise ValueError(f"train.device={name!r} names one GPU; under torchrun use auto or cuda (each rank "
+                             "takes the GPU of its LOCAL_RANK)")
+        device = torch.device("cuda", distributed.local_rank())
     return device
 
 
@@ -108,6 +115,10 @@ class Experiment:
         self.config = config
         self.progress = config.train.progress if progress is None else progress
         self.device = resolve_device(config.train.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if config.train.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size={config.train.batch_size} is the global batch and must be divisible "
+                              f"by the number of processes ({self.world_size})")
         seed_everything(config.seed)
         self.dataset: ContinualDataset = load_dataset(config.data.name, config.data.data_dir, **config.data.options)
         self.scenario: Scenario = self._scenario()
@@ -129,7 +140,8 @@ class Experiment:
                                       subsample_seed=self.config.seed)
         order_seed = self.config.seed if s.order_seed is None else s.order_seed
         return class_incremental(self.dataset, s.num_tasks, order=s.order, seed=order_seed,
-                                 classes_per_task=s.classes_per_task, max_train_per_class=s.max_train_per_class, subsample_seed=self.config.seed)
+                                 classes_per_task=s.classes_per_task, max_train_per_class=s.max_train_per_class,
+                                 subsample_seed=self.config.seed)
 
     def _backbone(self) -> Backbone:
         m = self.config.model
@@ -156,14 +168,28 @@ class Experiment:
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
                 lengths: list[int] | None = None) -> DataLoader:
-        """A loader over ``dataset``; shuffled text batches are grouped by ``lengths`` (less padding)."""
+        """A loader over ``dataset``. Shuffled: this rank's shares (:class:`RankShares`) of seeded global batches of
+        ``batch_size``, text batches grouped by ``lengths`` (less padding). Unshuffled: ``dataset`` in order."""
         workers = self.config.train.num_workers
-        if shuffle and lengths is not None:
-            return DataLoader(dataset, batch_sampler=LengthGroupedBatches(lengths, batch_size, seed),
-                              num_workers=workers, collate_fn=self.backbone.collate)
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+        if shuffle:
+            plan: GlobalBatches = (LengthGroupedBatches(lengths, batch_size, seed) if lengths is not None
+                                   else ShuffledBatches(len(dataset), batch_size, seed))  # type: ignore[arg-type]
+            return DataLoader(dataset, batch_sampler=RankShares(plan, self.rank, self.world_size),
+                              num_workers=workers, collate_fn=self.backbone.collate,
+                              generator=None if lengths is not None else generator)
+        return DataLoader(dataset, batch_size=batch_size, generator=generator, num_workers=workers,
                           collate_fn=self.backbone.collate, drop_last=False)
+
+    def _seeded(self, dataset: Dataset, seed: int) -> Dataset:
+        """Images: random training transforms seeded per sample (the same on any number of processes)."""
+        return SeededSamples(dataset, seed) if self.dataset.modality == "image" else dataset
+
+    def _shard(self, dataset: Dataset) -> Dataset:
+        """This rank's share of a no-gradient pass (every ``world_size``-th sample); sums are all-reduced after."""
+        if self.world_size == 1:
+            return dataset
+        return Subset(dataset, range(self.rank, len(dataset), self.world_size))  # type: ignore[arg-type]
 
     def _lengths(self, split: str, indices: list[int]) -> list[int] | None:
         """Characters per text sample (a proxy for tokens); None for images."""
@@ -184,8 +210,9 @@ class Experiment:
         tasks = self.scenario.tasks[: task + 1] if self.learner.replays_past else [self.scenario.tasks[task]]
         return sorted(i for t in tasks for i in t.train_indices)
 
-    def stats_loader(self, task: int) -> Callable[[], Iterable[Any]]:
-        """Loader factory for the statistics passes: task ``task``'s training data, training transforms."""
+    def stats_loader(self, task: int, phase: str = "design") -> Callable[[], Iterable[Any]]:
+        """Loader factory for the statistics passes: task ``task``'s training data, training transforms (this
+        rank's share). ``phase`` ("design" or "memory") only names the pass for the fault hook."""
         indices = list(self.scenario.tasks[task].train_indices)
         limit = self.config.adapter.stats_samples
         if limit is not None and limit < len(indices):
@@ -194,9 +221,17 @@ class Experiment:
         indices = self._eval_order("train", indices)
 
         def make() -> Iterator[Any]:
-            torch.manual_seed(task_seed(self.config.seed, task, 2))  # training transforms draw from torch's RNG
-            dataset = self._split("train", indices, train_transforms=True)
-            return iter(self._loader(dataset, self.config.train.eval_batch_size))
+            seed = task_seed(self.config.seed, task, 2)
+            torch.manual_seed(seed)
+            dataset = self._seeded(self._split("train", indices, train_transforms=True), seed)
+            loader = self._loader(self._shard(dataset), self.config.train.eval_batch_size)
+
+            def batches() -> Iterator[Any]:
+                for i, batch in enumerate(loader):
+                    fault("stats", task=task, phase=phase, batch=i)
+                    yield batch
+
+            return batches()
 
         return make
 
@@ -219,7 +254,7 @@ class Experiment:
         log.info("task %d/%d: %d classes, %d training samples", task + 1, self.num_tasks, num_classes,
                  len(self.train_indices(task)))
         timings["train_s"] = self.train_task(task)
-        for key, value in self.learner.end_task(task, self.stats_loader(task)).items():
+        for key, value in self.learner.end_task(task, self.stats_loader(task, "memory")).items():
             timings[key] = timings.get(key, 0.0) + value
         if cfg.alignment.enabled:
             start = time.perf_counter()
@@ -264,26 +299,28 @@ class Experiment:
         indices = self.train_indices(task)
         dataset = self._split("train", indices, train_transforms=True)
         lengths = self._lengths("train", indices)
+        model = distributed.wrap_ddp(distributed.TaskStep(learner, task), self.device)
         learner.backbone.train()
         start = time.perf_counter()
         for epoch in range(t.epochs):
             for g in optimiser.param_groups:
                 g["lr"] = g["initial_lr"] * lr_factor(cfg, epoch)
-            loader = self._loader(dataset, t.batch_size, shuffle=True, seed=task_seed(cfg.seed, task, 10 + epoch),
+            epoch_seed = task_seed(cfg.seed, task, 10 + epoch)
+            loader = self._loader(self._seeded(dataset, epoch_seed), t.batch_size, shuffle=True, seed=epoch_seed,
                                   lengths=lengths)
+            weights = loader.batch_sampler.weights()  # type: ignore[union-attr]
             bar = tqdm(loader, desc=f"task {task + 1}/{self.num_tasks} epoch {epoch + 1}/{t.epochs}",
                        disable=not self.progress, leave=False)
             seen, epoch_start = 0, time.perf_counter()
             for step, (inputs, labels) in enumerate(bar):
                 inputs, labels = move_to(inputs, self.device), labels.to(self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                    if learner.trains_backbone:
-                        features = learner.features(inputs)
-                    else:
-                        with torch.no_grad():
-                            features = learner.features(inputs)
-                    loss = learner.training_loss(features.float(), labels, task)
+                    loss = model(inputs, labels, weights[step])
+                if fault("train", task=task, epoch=epoch, step=step) == "nan":
+                    loss = loss * float("nan")
                 value = float(loss.detach())
+                if self.world_size > 1:  # the global batch's mean loss, so every rank stops together
+                    value = float(distributed.all_reduce_sum(loss.detach().double().reshape(1))) / self.world_size
                 if not math.isfinite(value):
                     raise TrainingDiverged(task, epoch, step, value)
                 optimiser.zero_grad(set_to_none=True)
@@ -301,7 +338,7 @@ class Experiment:
     def _features(self, dataset: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         amp = self.config.train.amp and self.device.type == "cuda"
         self.learner.backbone.eval()
-        for inputs, labels in self._loader(dataset, self.config.train.eval_batch_size):
+        for inputs, labels in self._loader(self._shard(dataset), self.config.train.eval_batch_size):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 features = self.learner.features(move_to(inputs, self.device))
             yield features.float(), labels.to(self.device)
@@ -310,14 +347,39 @@ class Experiment:
         """Classifier alignment: add the task's class statistics (test transforms), re-align the heads."""
         info = self.scenario.tasks[task]
         dataset = self._split("train", self._eval_order("train", list(info.train_indices)), train_transforms=False)
+        stats = self.class_stats if self.world_size == 1 else ClassStatistics(self.backbone.feature_dim, self.device)
         for features, labels in self._features(dataset):
-            self.class_stats.add(features, labels)
+            stats.add(features, labels)
+        if stats is not self.class_stats:
+            self._add_reduced(stats, sorted({self.scenario.global_label(c) for c in info.classes}))
         if task == 0 and self.scenario.kind == "class":
             return
         seen = sorted({self.scenario.global_label(c) for c in self.scenario.classes_seen(task)})
         generator = torch.Generator().manual_seed(task_seed(self.config.seed, task, 3))
         upto = 0 if self.scenario.kind == "domain" else task
         align_heads(self.learner.heads, self.class_stats, seen, upto, self.config.alignment, generator)
+
+    def _add_reduced(self, shard: ClassStatistics, classes: list[int]) -> None:
+        """Sum each rank's class statistics of ``classes`` over all ranks into ``self.class_stats``."""
+        d = shard.dim
+        packed = torch.zeros(len(classes), 1 + d + d * d, dtype=torch.float64, device=self.device)
+        for row, c in zip(packed, classes, strict=True):
+            if c in shard.counts:
+                row[0] = shard.counts[c]
+                row[1 : 1 + d] = shard.sums[c]
+                row[1 + d :] = shard.outer[c].flatten()
+        distributed.all_reduce_sum(packed)
+        total = self.class_stats
+        for row, c in zip(packed, classes, strict=True):
+            if row[0] == 0:
+                continue
+            if c not in total.counts:
+                total.sums[c] = torch.zeros(d, dtype=torch.float64, device=total.device)
+                total.outer[c] = torch.zeros(d, d, dtype=torch.float64, device=total.device)
+                total.counts[c] = 0
+            total.sums[c] += row[1 : 1 + d].to(total.device)
+            total.outer[c] += row[1 + d :].reshape(d, d).to(total.device)
+            total.counts[c] += int(row[0])
 
     def eval_split(self) -> str:
         return self.config.scenario.eval_split
@@ -359,6 +421,9 @@ class Experiment:
                     correct_til += int((logits[:, lo:hi].argmax(-1) + lo == labels).sum())
                     correct_tid += int((task_of_class[pred] == j).sum())
                 total += len(labels)
+            if self.world_size > 1:
+                counts = torch.tensor([correct, correct_til, correct_tid, total], dtype=torch.long)
+                correct, correct_til, correct_tid, total = distributed.all_reduce_sum(counts).tolist()
             row.append(100.0 * correct / total)
             til.append(100.0 * correct_til / total)
             tid.append(100.0 * correct_tid / total)

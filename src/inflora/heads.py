@@ -10,15 +10,16 @@ class TaskHeads(nn.Module):
     """One ``nn.Linear(feature_dim, classes_of_task)`` per task; global class ``c`` of task ``t`` is logit
     ``offsets[t] + local index``. Class order is the scenario's, so logits line up with global labels."""
 
-    def __init__(self, feature_dim: int) -> None:
+    def __init__(self, feature_dim: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.feature_dim = int(feature_dim)
+        self.device = torch.device(device) if device is not None else None
         self.heads = nn.ModuleList()
         self.sizes: list[int] = []
 
     def add(self, num_classes: int) -> nn.Linear:
         """Append a head for a new task (PyTorch's default initialisation, with bias)."""
-        device = self.heads[0].weight.device if len(self.heads) else None
+        device = self.heads[0].weight.device if len(self.heads) else self.device
         head = nn.Linear(self.feature_dim, num_classes, device=device)
         self.heads.append(head)
         self.sizes.append(int(num_classes))

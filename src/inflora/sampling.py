@@ -1,11 +1,14 @@
-"""Batch samplers: length-grouped shuffling for text, so batches carry little padding."""
+"""Batch samplers: length-grouped shuffling for text (little padding), shuffled batches, each rank's share of a
+global batch (distributed training), and per-sample seeding of random transforms."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import Dataset, Sampler
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -38,3 +41,83 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
+class GlobalBatches(Protocol):
+    """A batch plan: every epoch's batches, computed up front from a seed."""
+
+    def batches(self) -> list[list[int]]: ...
+
+
+class ShuffledBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` cut from a seeded permutation (the last one smaller); the order depends only on
+    the seed."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size = int(size)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+
+    def batches(self) -> list[list[int]]:
+        perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        return [perm[i : i + self.batch_size] for i in range(0, self.size, self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return (self.size + self.batch_size - 1) // self.batch_size
+
+
+class RankShares(Sampler[list[int]]):
+    """One rank's share of every global batch of ``plan``: each global batch is cut into ``world_size`` contiguous
+    shares, so N processes together see exactly the batches of one process.
+
+    ``weights()`` gives, per step, the factor that turns the mean loss of a share into its part of the global batch's
+    mean loss under DDP's gradient averaging: ``len(share) * world_size / len(batch)`` (1.0 for one process). A share
+    that would be empty (a last batch with fewer samples than ranks) holds the batch's first sample with weight 0, so
+    every rank takes part in every step.
+    """
+
+    def __init__(self, plan: GlobalBatches, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.plan = plan
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+
+    def shares(self) -> list[tuple[list[int], float]]:
+        out = []
+        for batch in self.plan.batches():
+            base, extra = divmod(len(batch), self.world_size)
+            start = self.rank * base + min(self.rank, extra)
+            share = batch[start : start + base + (self.rank < extra)]
+            weight = len(share) * self.world_size / len(batch)
+            out.append((share, weight) if share else (batch[:1], 0.0))
+        return out
+
+    def weights(self) -> list[float]:
+        return [w for _, w in self.shares()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([share for share, _ in self.shares()])
+
+    def __len__(self) -> int:
+        return len(self.plan.batches())
+
+
+class SeededSamples(Dataset):
+    """``dataset[i]`` computed under torch seed ``f(seed, i)``: random transforms of a sample depend only on the
+    seed and the sample, not on the order, the process or the worker that loads it. The global RNG is untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + int(i) * 7919) % 2**63)
+            return self.dataset[i]

@@ -37,7 +37,7 @@ class Learner:
         self.shared_head = shared_head  # domain-incremental: one head over the whole label space
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        self.heads = TaskHeads(backbone.feature_dim).to(device)
+        self.heads = TaskHeads(backbone.feature_dim, device)
 
     # ------------------------------------------------------------------------------------------ hooks
     def begin_task(self, task: int, num_classes: int, stats_loader: StatsLoader) -> dict[str, float]:
