@@ -78,3 +78,28 @@ def test_reference_cosine_schedule() -> None:
     assert reference_cosine(0, 20) == pytest.approx(1.0)
     assert reference_cosine(19, 20) == pytest.approx(np.cos(99 * np.pi / 200))
     assert reference_cosine(0, 1) == 1.0
+
+
+def test_local_and_seen_losses() -> None:
+    from torch import nn
+
+    from inflora.config import RunConfig
+    from inflora.learners import LEARNERS
+
+    class Features(nn.Module):
+        feature_dim = 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    config = RunConfig()
+    learner = LEARNERS["frozen"](Features(), config, 2, torch.device("cpu"))  # type: ignore[arg-type]
+    learner.begin_task(0, 2, lambda: [])
+    learner.begin_task(1, 2, lambda: [])
+    x, y = torch.randn(5, 3), torch.tensor([2, 3, 2, 3, 2])
+    local = learner.training_loss(x, y, 1)
+    assert torch.allclose(local, nn.functional.cross_entropy(learner.heads.task_logits(x, 1), y - 2))
+    config.train.loss = "seen"
+    seen = learner.training_loss(x, y, 1)
+    assert torch.allclose(seen, nn.functional.cross_entropy(learner.heads(x), y))
+    assert {id(p) for p in learner.head_parameters(1)} == {id(p) for p in learner.heads.heads[1].parameters()}

@@ -84,6 +84,8 @@ class TrainConfig:
     """Optimisation."""
 
     epochs: int = opt(2, "epochs per task")
+    loss: Literal["local", "seen"] = opt("local", "cross-entropy over the current head only (local, the reference) "
+                                                  "or over all seen classes' logits with old heads frozen (seen)")
     batch_size: int = opt(32, "training batch size (global, over all ranks)")
     eval_batch_size: int = opt(256, "evaluation / statistics batch size")
     optimizer: Literal["adam", "sgd"] = opt("adam", "optimiser")

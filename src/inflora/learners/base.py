@@ -77,8 +77,9 @@ class Learner:
 
     def training_loss(self, features: torch.Tensor, labels: torch.Tensor, task: int) -> torch.Tensor:
         """Cross-entropy: over the current head's logits with labels shifted to it ("local"), or over all seen
-        classes (global loss, shared head)."""
-        if self.shared_head or self.global_loss:
+        classes' logits (``train.loss=seen``, the joint learner, a shared domain head). Which heads *train* is
+        :meth:`head_parameters`' business: with ``seen`` the old heads stay frozen."""
+        if self.shared_head or self.global_loss or self.config.train.loss == "seen":
             return nn.functional.cross_entropy(self.heads(features, upto=task if not self.shared_head else 0),
                                                labels)
         offset = self.heads.offsets[task]
