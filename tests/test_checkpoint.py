@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import make_image_folder
 from inflora import checkpoint as ckpt
 from inflora.cli import main
 from inflora.config import load_config
@@ -28,21 +27,6 @@ from inflora.config import load_config
 TINY_VIT = "{img_size: 32, patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}"
 RESULT_KEYS = ("accuracy_matrix", "task_il_matrix", "task_id_matrix", "final_accuracy", "average_accuracy",
                "forgetting", "accuracy_after_task", "memory_dims", "class_order", "test_counts")
-
-
-def make_images(root: Path, classes: int = 9, train: int = 11, test: int = 4) -> Path:
-    """A small image-folder dataset: per class a random colour plus noise, root/{train,test}/<class>/*.png. Three
-    tasks of 33 training images: batches of 8 end in a batch of one (an empty share for a second process)."""
-    rng = np.random.RandomState(0)
-    for c in range(classes):
-        base = rng.randint(0, 255, size=3)
-        for split, n in (("train", train), ("test", test)):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = np.clip(base + rng.randint(-60, 60, size=(40, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 def run_args(images: Path, *extra: str) -> list[str]:
@@ -103,7 +87,8 @@ def single_thread() -> Iterator[None]:
 def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     """An uninterrupted one-process run (images and run folder)."""
     base = tmp_path_factory.mktemp("reference")
-    images = make_images(base / "images")
+    images = make_image_folder(base / "images", classes=9, train=11, test=4, size=40)  # 3 tasks x 33 images:
+    # batches of 8 end in a batch of one (an empty share for a second process)
     out = base / "run"
     assert main([*run_args(images), "--out", str(out)]) == 0
     return Reference(images, out, results_of(out))

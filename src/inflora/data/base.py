@@ -263,3 +263,15 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
+
+
+def check_every_class(class_names: Sequence[str], splits: dict[str, Sequence[int]], where: Path,
+                      what: str = "samples") -> None:
+    """Refuse a dataset with a class that has no ``what`` in some split (never start on half a dataset)."""
+    for split_name, labels in splits.items():
+        present = set(labels)
+        empty = [class_names[c] for c in range(len(class_names)) if c not in present]
+        if empty:
+            raise DataError(
+                f"{where}: incomplete data, {len(empty)} class(es) have no {split_name} {what}: {empty[:5]}"
+            )

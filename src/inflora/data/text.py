@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import ContinualDataset, DataError, ListSplit, as_bool, download_file, read_json
+from .base import ContinualDataset, DataError, ListSplit, as_bool, check_every_class, download_file, read_json
 from .registry import register_dataset
 
 __all__ = ["BANKING77_URL", "CLINC150_URL", "read_text_records"]
@@ -40,16 +40,6 @@ def _fetch_missing(folder: Path, files: Sequence[str], base_url: str, download: 
         f"missing {', '.join(missing)} in {folder} (looked for {', '.join(files)}). {how} "
         f"Or pass --set data.options.download=true to fetch them from {base_url}"
     )
-
-
-def _check_every_class(class_names: Sequence[str], splits: dict[str, list[int]], where: Path) -> None:
-    for split_name, labels in splits.items():
-        present = set(labels)
-        empty = [class_names[c] for c in range(len(class_names)) if c not in present]
-        if empty:
-            raise DataError(
-                f"{where}: incomplete data, {len(empty)} class(es) have no {split_name} samples: {empty[:5]}"
-            )
 
 
 @register_dataset(
@@ -102,7 +92,7 @@ def clinc150(data_dir: Path, download: bool = False) -> ContinualDataset:
             texts.append(text)
             labels.append(index[intent])
         splits[split_name] = ListSplit(texts, labels)
-    _check_every_class(class_names, {k: v.labels for k, v in splits.items()}, path)
+    check_every_class(class_names, {k: v.labels for k, v in splits.items()}, path)
     return ContinualDataset(
         name="clinc150",
         modality="text",
@@ -137,7 +127,7 @@ def banking77(data_dir: Path, download: bool = False) -> ContinualDataset:
     for split_name in ("train", "test"):
         records = read_text_records(folder / f"{split_name}.csv", "text", "category")
         splits[split_name] = _to_split(records, index, "categories.json")
-    _check_every_class(class_names, {k: v.labels for k, v in splits.items()}, folder)
+    check_every_class(class_names, {k: v.labels for k, v in splits.items()}, folder)
     return ContinualDataset(
         name="banking77", modality="text", class_names=class_names, train=splits["train"], test=splits["test"]
     )

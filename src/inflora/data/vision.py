@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import ContinualDataset, DataError, ImageFileSplit, ListSplit, as_bool, read_json
+from .base import ContinualDataset, DataError, ImageFileSplit, ListSplit, as_bool, check_every_class, read_json
 from .registry import register_dataset, user_cache_dir
 
 __all__ = [
@@ -76,16 +76,6 @@ def _missing_files(root: Path, relpaths: Iterable[str]) -> list[str]:
         if name not in listings[parent]:
             missing.append(rel)
     return missing
-
-
-def _check_every_class(class_names: Sequence[str], splits: dict[str, Sequence[int]], where: Path) -> None:
-    for split_name, labels in splits.items():
-        present = set(labels)
-        empty = [class_names[c] for c in range(len(class_names)) if c not in present]
-        if empty:
-            raise DataError(
-                f"{where}: incomplete data, {len(empty)} class(es) have no {split_name} images: {empty[:5]}"
-            )
 
 
 # ----------------------------------------------------------------------------------------------------- CIFAR-100
@@ -230,7 +220,7 @@ def imagenet_r(data_dir: Path, split_seed: int = 0, num_classes: int | None = 20
                 raise DataError(f"{split_path}: {r!r} is not in a class folder")
             labels.append(index[cls])
         splits[split_name] = ImageFileSplit([folder / r for r in rel], labels)
-    _check_every_class(classes, {k: v.labels for k, v in splits.items()}, split_path)
+    check_every_class(classes, {k: v.labels for k, v in splits.items()}, split_path, what="images")
     return ContinualDataset(
         name="imagenet-r", modality="image", class_names=classes, train=splits["train"], test=splits["test"]
     )
@@ -320,7 +310,7 @@ def domainnet(data_dir: Path, domains: Sequence[str] | str | None = None) -> Con
         k: ImageFileSplit([folder / e[0] for e in v], [e[1] for e in v], [e[2] for e in v])
         for k, v in entries.items()
     }
-    _check_every_class(class_names, {k: v.labels for k, v in splits.items()}, folder)
+    check_every_class(class_names, {k: v.labels for k, v in splits.items()}, folder, what="images")
     return ContinualDataset(
         name="domainnet",
         modality="image",
@@ -402,7 +392,7 @@ def fashion_mnist(data_dir: Path) -> ContinualDataset:
         if labels.size and (labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES)):
             raise DataError(f"{lab_path}: labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
         splits[split_name] = ListSplit(images, labels.tolist())
-    _check_every_class(FASHION_MNIST_CLASSES, {k: v.labels for k, v in splits.items()}, folder)
+    check_every_class(FASHION_MNIST_CLASSES, {k: v.labels for k, v in splits.items()}, folder, what="images")
     return ContinualDataset(
         name="fashion-mnist",
         modality="image",
@@ -456,7 +446,7 @@ def image_folder(
             paths.extend(split_dir / cls / f for f in files)
             labels.extend([index[cls]] * len(files))
         splits[split_name] = ImageFileSplit(paths, labels)
-    _check_every_class(classes, {k: v.labels for k, v in splits.items() if k != "val"}, base)
+    check_every_class(classes, {k: v.labels for k, v in splits.items() if k != "val"}, base, what="images")
     return ContinualDataset(
         name=dataset_name,
         modality="image",
