@@ -117,7 +117,7 @@ def test_design_fills_rank_deficient_statistics_inside_the_complement() -> None:
     assert float((memory.basis.T @ down.T).abs().max()) < 1e-10
 
 
-def test_two_sided_and_one_sided_share_the_leading_subspace() -> None:
+def test_both_projections_design_rows_outside_the_memory() -> None:
     torch.manual_seed(0)
     memory = inflora.SubspaceMemory(12)
     memory.load(torch.linalg.qr(torch.randn(12, 4, dtype=torch.float64))[0], "basis")
@@ -125,8 +125,15 @@ def test_two_sided_and_one_sided_share_the_leading_subspace() -> None:
     c = h @ h.T / 40
     one = inflora.design_down(c, memory, 3, projection="one-sided")
     two = inflora.design_down(c, memory, 3, projection="two-sided")
-    assert float((memory.basis.T @ two.T).abs().max()) < 1e-10
-    assert torch.allclose(one.T @ one, one.T @ one, atol=1e-10) and one.shape == two.shape
+    for down in (one, two):
+        assert float((memory.basis.T @ down.T).abs().max()) < 1e-10
+        assert torch.allclose(down @ down.T, torch.eye(3, dtype=torch.float64) / 3, atol=1e-10)
+    # two-sided = leading eigenvectors of P C P; one-sided = left singular vectors of P C (the reference)
+    p = memory.new_projector()
+    top = torch.linalg.eigh(p @ c @ p).eigenvectors[:, -3:]
+    assert torch.allclose(two.T @ two * 3, top @ top.T, atol=1e-8)
+    left = torch.linalg.svd(p @ c).U[:, :3]
+    assert torch.allclose(one.T @ one * 3, left @ left.T, atol=1e-8)
 
 
 def test_ablation_designs() -> None:
