@@ -22,23 +22,36 @@ def batches(x: torch.Tensor, size: int = 8) -> list[tuple[torch.Tensor, torch.Te
     return [(x[i : i + size], torch.zeros(len(x[i : i + size]), dtype=torch.long)) for i in range(0, len(x), size)]
 
 
-def two_tasks(device: str) -> tuple[torch.nn.Module, inflora.InfLoRAAdapter, list[dict[str, torch.Tensor]]]:
-    """Two tasks of design + fixed up-projection + memory update on ``device``; returns the designed D per task."""
+@pytest.fixture(autouse=True)
+def full_float32():
+    """No TF32 (cuDNN uses it for the patch-embedding convolution by default): GPU and CPU then differ only by
+    summation order."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def two_tasks(device: str) -> tuple[torch.nn.Module, inflora.InfLoRAAdapter, list[dict[str, torch.Tensor]],
+                                    list[dict[str, torch.Tensor]]]:
+    """Two tasks of design + fixed up-projection + memory update on ``device``: the model, the adapter, the designed
+    D and the input statistics of each task."""
     torch.manual_seed(0)
     xs = [torch.rand(16, 3, 32, 32), torch.rand(16, 3, 32, 32) * 0.5]
     model = tiny_vit().to(device)
     adapter = inflora.attach(model, preset="timm-vit-kv", rank=4, num_tasks=2)
-    designs = []
+    designs, stats = [], []
     for t, x in enumerate(xs):
         x = x.to(device)
-        designs.append({k: v.cpu() for k, v in adapter.begin_task(
-            inflora.collect_input_stats(model, adapter, batches(x))).items()})
+        c = inflora.collect_input_stats(model, adapter, batches(x))
+        stats.append({k: v.cpu() for k, v in c.items()})
+        designs.append({k: v.cpu() for k, v in adapter.begin_task(c).items()})
         gen = torch.Generator().manual_seed(t)
         with torch.no_grad():
             for p in adapter.trainable_parameters():
                 p.copy_(torch.randn(p.shape, generator=gen).to(device) * 0.05)
         adapter.end_task(inflora.collect_input_stats(model, adapter, batches(x)))
-    return model, adapter, designs
+    return model, adapter, designs, stats
 
 
 def same_subspace(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,20 +60,32 @@ def same_subspace(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((pa - pb).abs().max() / pa.abs().max())
 
 
+def captured(d: torch.Tensor, c: torch.Tensor) -> float:
+    """Second moment that the rows of ``d`` capture: trace(D C D^T)."""
+    return float(torch.trace(d.double() @ c.double() @ d.double().T))
+
+
 def test_gpu_statistics_design_and_memory_match_the_cpu() -> None:
-    model_c, adapter_c, d_cpu = two_tasks("cpu")
-    model_g, adapter_g, d_gpu = two_tasks("cuda")
+    model_c, adapter_c, d_cpu, s_cpu = two_tasks("cpu")
+    model_g, adapter_g, d_gpu, s_gpu = two_tasks("cuda")
     for t in range(2):
         for name in d_cpu[t]:
-            assert same_subspace(d_cpu[t][name], d_gpu[t][name]) < 1e-3, (t, name)
+            assert torch.allclose(s_cpu[t][name], s_gpu[t][name], rtol=1e-4, atol=1e-6), (t, name)
+            # The first design has no memory: its subspace is well separated and must match. After the memory
+            # update the leading singular values of the projected statistics can be close together, so compare
+            # what the designs capture instead of their bases.
+            if t == 0:
+                assert same_subspace(d_cpu[t][name], d_gpu[t][name]) < 1e-3, name
+            assert captured(d_gpu[t][name], s_cpu[t][name]) == pytest.approx(
+                captured(d_cpu[t][name], s_cpu[t][name]), rel=1e-3), (t, name)
     assert adapter_c.memory_dims() == adapter_g.memory_dims()
     x = torch.rand(8, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model_c(x), model_g(x.cuda()).cpu(), atol=1e-3)
+        assert torch.allclose(model_c(x), model_g(x.cuda()).cpu(), atol=1e-4)
 
 
 def test_gpu_adapter_state_restores_on_the_cpu(tmp_path: Path) -> None:
-    model_g, adapter_g, _ = two_tasks("cuda")
+    model_g, adapter_g, _, _ = two_tasks("cuda")
     save_file(adapter_g.state_dict(), tmp_path / "adapter.safetensors")
     model_c = tiny_vit()
     adapter_c = inflora.attach(model_c, preset="timm-vit-kv", rank=4, num_tasks=2)

@@ -95,9 +95,9 @@ class TimmBackbone(Backbone):
             path = Path(checkpoint).expanduser()
             if not path.is_file():
                 raise BackboneError(f"timm checkpoint file not found: {str(path)!r}")
-            overlay: dict[str, Any] = {"file": str(path)}
-            if path.suffix == ".npz":
-                overlay["custom_load"] = True
+            # custom_load is set either way: some timm versions' default tags set it, which would send a .pth
+            # or .safetensors file to the .npz reader.
+            overlay: dict[str, Any] = {"file": str(path), "custom_load": path.suffix == ".npz"}
             kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), **overlay}
             pretrained = True
         try:
