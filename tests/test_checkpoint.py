@@ -35,7 +35,9 @@ def run_args(images: Path, *extra: str) -> list[str]:
         "data.name=image-folder", f"data.options={{root: {images}}}", "model.backbone=timm:vit_tiny_patch16_224",
         "model.pretrained=false", f"model.options={TINY_VIT}", "scenario.num_tasks=3", "train.batch_size=8",
         "train.epochs=2", "train.eval_batch_size=16", "train.lr=0.01", "adapter.rank=4", "alignment.enabled=true",
-        "alignment.samples_per_class=32", "alignment.epochs=2", *extra,
+        "alignment.samples_per_class=32", "alignment.epochs=2",
+        "train.device=cpu",  # bit-identical resumes are a CPU guarantee (CUDA kernels may be nondeterministic)
+        *extra,
     ]
     return ["run", *(a for s in sets for a in ("--set", s)), "--quiet"]
 

@@ -128,3 +128,20 @@ def test_error_on_rank_zero_stops_every_rank(reference: Reference, tmp_path: Pat
     proc = torchrun([*run_args(reference.images), "--out", str(out)], tmp_path)
     assert proc.returncode != 0 and "inflora: config error: output folder" in proc.stderr
     assert not (out / "config.yaml").exists()
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from inflora.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "local_rank", lambda: 1)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 1 but only 1 GPU.*train\.device=cpu"):
+        resolve_device("auto")
+    monkeypatch.setattr(distributed, "local_rank", lambda: 0)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="names one GPU"):
+        resolve_device("cuda:0")

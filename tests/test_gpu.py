@@ -70,7 +70,8 @@ def test_gpu_statistics_design_and_memory_match_the_cpu() -> None:
     model_g, adapter_g, d_gpu, s_gpu = two_tasks("cuda")
     for t in range(2):
         for name in d_cpu[t]:
-            assert torch.allclose(s_cpu[t][name], s_gpu[t][name], rtol=1e-4, atol=1e-6), (t, name)
+            diff = float((s_cpu[t][name] - s_gpu[t][name]).norm() / s_cpu[t][name].norm())
+            assert diff < 1e-4, (t, name, diff)
             # The first design has no memory: its subspace is well separated and must match. After the memory
             # update the leading singular values of the projected statistics can be close together, so compare
             # what the designs capture instead of their bases.

@@ -61,7 +61,12 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None:
             raise ValueError(f"train.device={name!r} names one GPU; under torchrun use auto or cuda (each rank "
                              "takes the GPU of its LOCAL_RANK)")
-        device = torch.device("cuda", distributed.local_rank())
+        rank, count = distributed.local_rank(), torch.cuda.device_count()
+        if rank >= count:
+            raise ValueError(f"train.device={name!r}: this process has LOCAL_RANK {rank} but only {count} GPU(s) are "
+                             "visible; start at most one process per GPU (torchrun --nproc_per_node) or use "
+                             "train.device=cpu")
+        device = torch.device("cuda", rank)
     return device
 
 

@@ -150,6 +150,30 @@ def _classifier_name(model: nn.Module) -> str:
     return name
 
 
+def _save_for_hf(model: nn.Module, folder: Path, model_args: Mapping[str, Any], data_config: dict[str, Any]) -> None:
+    """timm's ``save_for_hf`` (weights and ``config.json``, loadable with ``local-dir:``), with the run's
+    preprocessing. timm versions before ``data_config=`` get the architecture arguments and the preprocessing
+    written into ``config.json`` directly."""
+    from timm.models import save_for_hf
+
+    try:
+        save_for_hf(model, str(folder), safe_serialization=True, data_config=data_config)
+        return
+    except TypeError as exc:
+        if "data_config" not in str(exc):
+            raise
+    save_for_hf(model, str(folder), model_args=dict(model_args), safe_serialization=True)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    pretrained_cfg = config.setdefault("pretrained_cfg", {})
+    pretrained_cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()})
+    pretrained_cfg.update(num_classes=int(getattr(model, "num_classes", config.get("num_classes", 0))),
+                          custom_load=False)
+    for key in ("test_input_size", "test_crop_pct", "pool_size", "label_names", "label_descriptions"):
+        pretrained_cfg.pop(key, None)
+    path.write_text(json.dumps(config, indent=2))
+
+
 def _save_timm(backbone: TimmBackbone, merged: nn.Module, weight: torch.Tensor, bias: torch.Tensor, folder: Path,
                model_kwargs: Mapping[str, Any], recipe: str) -> dict[str, Any]:
     import timm
@@ -169,10 +193,8 @@ def _save_timm(backbone: TimmBackbone, merged: nn.Module, weight: torch.Tensor, 
                           f"{num_classes}, **{kwargs}): {exc}") from exc
     img_size = int(backbone.img_size or 224)
     try:
-        from timm.models import save_for_hf
-
-        save_for_hf(target, str(folder), safe_serialization=True, data_config=_timm_data_config(recipe, img_size))
-    except Exception:  # older timm or unserialisable args: the weights alone still load the documented way
+        _save_for_hf(target, folder, kwargs, _timm_data_config(recipe, img_size))
+    except Exception:  # no huggingface_hub or unserialisable args: the weights alone load the documented way
         save_file({k: v.contiguous() for k, v in target.state_dict().items()}, str(folder / TIMM_WEIGHTS_FILE))
     return {"kind": "timm", "modality": "image", "model_name": backbone.name, "model_kwargs": kwargs,
             "classifier": head, "transforms": {"recipe": recipe, "img_size": img_size},
