@@ -46,10 +46,14 @@ def two_tasks(device: str) -> tuple[torch.nn.Module, inflora.InfLoRAAdapter, lis
         c = inflora.collect_input_stats(model, adapter, batches(x))
         stats.append({k: v.cpu() for k, v in c.items()})
         designs.append({k: v.cpu() for k, v in adapter.begin_task(c).items()})
+        # U = M D^T with a fixed M: the update U D = M D^T D depends on D's row space only, not on the signs or
+        # the rotation an SVD picks for D (which differ between devices).
         gen = torch.Generator().manual_seed(t)
         with torch.no_grad():
-            for p in adapter.trainable_parameters():
-                p.copy_(torch.randn(p.shape, generator=gen).to(device) * 0.05)
+            for layer in adapter.layers().values():
+                branch = layer.branch(t)
+                m = torch.randn(branch.up.shape[0], branch.down.shape[1], generator=gen).to(device)
+                branch.up.copy_(m @ branch.down.T * 0.5)
         adapter.end_task(inflora.collect_input_stats(model, adapter, batches(x)))
     return model, adapter, designs, stats
 

@@ -117,14 +117,15 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _rng_state(cuda: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Python, NumPy and torch RNG states; the CUDA generators' too when the run uses CUDA (``cuda``)."""
     version, keys, gauss = random.getstate()
     np_state = np.random.get_state()
     assert isinstance(np_state, tuple)
     meta = {"python": [version, list(keys), gauss],
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors.update({f"rng.cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return meta, tensors
 
@@ -158,7 +159,7 @@ def save_checkpoint(experiment: Experiment, out: Path, keep: int = KEEP) -> Path
     name = f"task_{done:03d}"
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    rng_meta, rng_tensors = _rng_state()
+    rng_meta, rng_tensors = _rng_state(experiment.device.type == "cuda")
     tensor_bytes = save_tensors({**checkpoint_tensors(experiment), **rng_tensors})
     meta = {
         "format": FORMAT,
