@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY_VIT_OVERRIDES, make_image_folder
 from inflora import metrics
@@ -101,3 +102,21 @@ def test_presets_command_lists_every_preset(capsys) -> None:
     for name in ("clinc150", "banking77", "cifar100-10", "imagenet-r-5", "imagenet-r-10", "imagenet-r-20",
                  "domainnet-5", "cifar100-10-b5"):
         assert name in out
+
+
+def test_one_pass_evaluation_equals_task_by_task(images: Path) -> None:
+    """evaluate() scores every seen task in one length-ordered pass; recount each task on its own by hand."""
+    experiment = Experiment(vision_config(images, "scenario.num_tasks=2"))
+    experiment.run()
+    upto = experiment.num_tasks - 1
+    row, til, tid = experiment.evaluate(upto)
+    heads = experiment.learner.heads
+    for j in range(upto + 1):
+        dataset = experiment._split(experiment.eval_split(), experiment.eval_indices(j), train_transforms=False)
+        parts = [(experiment.learner.logits(f, upto), y) for f, y in experiment._features(dataset)]
+        logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        lo, hi = heads.offsets[j], heads.offsets[j] + heads.sizes[j]
+        assert row[j] == pytest.approx(100.0 * float((logits.argmax(-1) == labels).double().mean()))
+        assert til[j] == pytest.approx(100.0 * float((logits[:, lo:hi].argmax(-1) + lo == labels).double().mean()))
+        in_task = (logits.argmax(-1) >= lo) & (logits.argmax(-1) < hi)
+        assert tid[j] == pytest.approx(100.0 * float(in_task.double().mean()))

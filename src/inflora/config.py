@@ -87,7 +87,7 @@ class TrainConfig:
     loss: Literal["local", "seen"] = opt("local", "cross-entropy over the current head only (local, the reference) "
                                                   "or over all seen classes' logits with old heads frozen (seen)")
     batch_size: int = opt(32, "training batch size (global, over all ranks)")
-    eval_batch_size: int = opt(256, "evaluation / statistics batch size")
+    eval_batch_size: int = opt(128, "evaluation / statistics batch size")
     optimizer: Literal["adam", "sgd"] = opt("adam", "optimiser")
     lr: float = opt(5e-4, "learning rate of the adapter (and of the heads unless head_lr is set)")
     head_lr: float | None = opt(None, "learning rate of the heads (default: lr)")

@@ -404,34 +404,41 @@ class Experiment:
     @torch.no_grad()
     def evaluate(self, upto: int) -> tuple[list[float], list[float], list[float]]:
         """Accuracies on each seen task's evaluation data: class-IL, task-IL (inside the true task's head) and
-        task identity (the predicted class belongs to the true task)."""
+        task identity (the predicted class belongs to the true task).
+
+        One no-gradient pass covers every seen task's samples; text goes in order of length, so batches are full
+        and carry little padding. Counts are kept per task (and summed over ranks)."""
         split = self.eval_split()
         heads = self.learner.heads
         domain = self.scenario.kind == "domain"
         task_of_class = heads.task_of_class().to(self.device)
-        offsets = heads.offsets
-        row, til, tid = [], [], []
-        for j in range(upto + 1):
-            dataset = self._split(split, self._eval_order(split, self.eval_indices(j)), train_transforms=False)
-            correct = correct_til = correct_tid = total = 0
-            for features, labels in self._features(dataset):
-                logits = self.learner.logits(features, upto)
-                pred = logits.argmax(-1)
-                correct += int((pred == labels).sum())
-                if domain:
-                    correct_til += int((pred == labels).sum())
-                    correct_tid += len(labels)
-                else:
-                    lo, hi = offsets[j], offsets[j] + heads.sizes[j]
-                    correct_til += int((logits[:, lo:hi].argmax(-1) + lo == labels).sum())
-                    correct_tid += int((task_of_class[pred] == j).sum())
-                total += len(labels)
-            if self.world_size > 1:
-                counts = torch.tensor([correct, correct_til, correct_tid, total], dtype=torch.long)
-                correct, correct_til, correct_tid, total = distributed.all_reduce_sum(counts).tolist()
-            row.append(100.0 * correct / total)
-            til.append(100.0 * correct_til / total)
-            tid.append(100.0 * correct_tid / total)
+        pairs = [(i, j) for j in range(upto + 1) for i in self.eval_indices(j)]
+        lengths = self._lengths(split, [i for i, _ in pairs])
+        if lengths is not None:
+            pairs = [pair for _, pair in sorted(zip(lengths, pairs, strict=True), key=lambda x: (x[0], x[1][1]))]
+        dataset = self._split(split, [i for i, _ in pairs], train_transforms=False)
+        owner = torch.tensor([j for _, j in pairs], dtype=torch.long)[self.rank :: self.world_size].to(self.device)
+        counts = torch.zeros(4, upto + 1, dtype=torch.long, device=self.device)  # correct, task-IL, task-id, total
+        seen = 0
+        for features, labels in self._features(dataset):
+            tasks = owner[seen : seen + len(labels)]
+            seen += len(labels)
+            logits = self.learner.logits(features, upto)
+            pred = logits.argmax(-1)
+            hit = pred == labels
+            if domain:
+                hit_til, hit_tid = hit, torch.ones_like(hit)
+            else:
+                inside = task_of_class[None, : logits.shape[1]] == tasks[:, None]
+                hit_til = logits.masked_fill(~inside, float("-inf")).argmax(-1) == labels
+                hit_tid = task_of_class[pred] == tasks
+            for row, flags in enumerate((hit, hit_til, hit_tid, torch.ones_like(hit))):
+                counts[row].index_add_(0, tasks, flags.long())
+        if self.world_size > 1:
+            counts = distributed.all_reduce_sum(counts.cpu())
+        counts = counts.cpu()
+        total = counts[3].clamp(min=1).double()
+        row, til, tid = ((100.0 * counts[k].double() / total).tolist() for k in range(3))
         return row, til, tid
 
     # ------------------------------------------------------------------------------------------ results
