@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=args.workers) as pool, log.open("a") as sink:
         futures = [pool.submit(run_variant, args.preset, n, o, args.common, s, args.out, args.data_dir)
                    for n, o, s in jobs]
-        for future in futures:
+        for future in as_completed(futures):  # written as they finish: a cut-short sweep keeps its rows
             row = future.result()
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
