@@ -14,12 +14,9 @@ import inflora
 from conftest import TINY_VIT_OVERRIDES, make_image_folder, tiny_vit
 from inflora.config import load_config
 from inflora.engine import Experiment
+from test_adapter import batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def batches(x: torch.Tensor, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i : i + size], torch.zeros(len(x[i : i + size]), dtype=torch.long)) for i in range(0, len(x), size)]
 
 
 @pytest.fixture(autouse=True)

@@ -203,13 +203,17 @@ class Experiment:
         source = getattr(self.dataset, split)
         return [len(source.load(i)) for i in indices]
 
-    def _eval_order(self, split: str, indices: list[int]) -> list[int]:
-        """Text: no-gradient passes go in order of length so batches carry little padding (sums and accuracies do
-        not depend on the order)."""
+    def _length_order(self, split: str, indices: list[int]) -> list[int]:
+        """Positions of ``indices`` in the order no-gradient passes take them. Text: by length, so batches carry
+        little padding (sums and accuracies do not depend on the order); images: as given."""
         lengths = self._lengths(split, indices)
         if lengths is None:
-            return indices
-        return [i for _, i in sorted(zip(lengths, indices, strict=True))]
+            return list(range(len(indices)))
+        return sorted(range(len(indices)), key=lambda k: (lengths[k], indices[k]))
+
+    def _eval_order(self, split: str, indices: list[int]) -> list[int]:
+        """``indices`` in the order of :meth:`_length_order`."""
+        return [indices[k] for k in self._length_order(split, indices)]
 
     def train_indices(self, task: int) -> list[int]:
         tasks = self.scenario.tasks[: task + 1] if self.learner.replays_past else [self.scenario.tasks[task]]
@@ -412,10 +416,8 @@ class Experiment:
         heads = self.learner.heads
         domain = self.scenario.kind == "domain"
         task_of_class = heads.task_of_class().to(self.device)
-        pairs = [(i, j) for j in range(upto + 1) for i in self.eval_indices(j)]
-        lengths = self._lengths(split, [i for i, _ in pairs])
-        if lengths is not None:
-            pairs = [pair for _, pair in sorted(zip(lengths, pairs, strict=True), key=lambda x: (x[0], x[1][1]))]
+        pairs = [(i, j) for j in range(upto + 1) for i in self.eval_indices(j)]  # (sample, its task)
+        pairs = [pairs[k] for k in self._length_order(split, [i for i, _ in pairs])]
         dataset = self._split(split, [i for i, _ in pairs], train_transforms=False)
         owner = torch.tensor([j for _, j in pairs], dtype=torch.long)[self.rank :: self.world_size].to(self.device)
         counts = torch.zeros(4, upto + 1, dtype=torch.long, device=self.device)  # correct, task-IL, task-id, total
@@ -434,9 +436,7 @@ class Experiment:
                 hit_tid = task_of_class[pred] == tasks
             for row, flags in enumerate((hit, hit_til, hit_tid, torch.ones_like(hit))):
                 counts[row].index_add_(0, tasks, flags.long())
-        if self.world_size > 1:
-            counts = distributed.all_reduce_sum(counts.cpu())
-        counts = counts.cpu()
+        counts = distributed.all_reduce_sum(counts.cpu())
         total = counts[3].clamp(min=1).double()
         row, til, tid = ((100.0 * counts[k].double() / total).tolist() for k in range(3))
         return row, til, tid
