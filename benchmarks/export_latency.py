@@ -24,12 +24,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from inflora.heads import TaskHeads
 from torch import nn
 
 from inflora import attach
 from inflora.backbones import Backbone, build_backbone
 from inflora.export import ExportedModel, export_model
-from inflora.heads import TaskHeads
 
 
 class PlainModel(nn.Module):

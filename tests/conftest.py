@@ -83,5 +83,19 @@ TINY_VIT_OVERRIDES = [
     "train.progress=false",
     "train.batch_size=8",
     "train.eval_batch_size=16",
-    "adapter.rank=4",
+    "inflora.rank=4",
 ]
+
+
+def for_method(overrides: list[str]) -> list[str]:
+    """``overrides`` with the rank override moved to the section of the method they choose (``method=...``):
+    options belong to their method, and another method's section is an error."""
+    method = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("method=")), "inflora")
+    out = []
+    for o in overrides:
+        if o.startswith("inflora.rank=") and method != "inflora":
+            if method in ("seqlora", "joint"):
+                out.append(f"{method}.rank=" + o.split("=", 1)[1])
+            continue
+        out.append(o)
+    return out

@@ -26,7 +26,7 @@ from inflora.config import load_config
 
 TINY_VIT = "{img_size: 32, patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}"
 RESULT_KEYS = ("accuracy_matrix", "task_il_matrix", "task_id_matrix", "final_accuracy", "average_accuracy",
-               "forgetting", "accuracy_after_task", "memory_dims", "class_order", "test_counts")
+               "forgetting", "accuracy_after_task", "class_order", "test_counts")
 
 
 def run_args(images: Path, *extra: str) -> list[str]:
@@ -34,8 +34,8 @@ def run_args(images: Path, *extra: str) -> list[str]:
     sets = [
         "data.name=image-folder", f"data.options={{root: {images}}}", "model.backbone=timm:vit_tiny_patch16_224",
         "model.pretrained=false", f"model.options={TINY_VIT}", "scenario.num_tasks=3", "train.batch_size=8",
-        "train.epochs=2", "train.eval_batch_size=16", "train.lr=0.01", "adapter.rank=4", "alignment.enabled=true",
-        "alignment.samples_per_class=32", "alignment.epochs=2",
+        "train.epochs=2", "train.eval_batch_size=16", "train.lr=0.01", "inflora.rank=4", "classifier=aligned",
+        "aligned.samples_per_class=32", "aligned.epochs=2",
         "train.device=cpu",  # bit-identical resumes are a CPU guarantee (CUDA kernels may be nondeterministic)
         *extra,
     ]
@@ -49,6 +49,7 @@ def results_of(out: Path) -> dict[str, Any]:
 def same_results(a: dict[str, Any], b: dict[str, Any]) -> None:
     for key in RESULT_KEYS:
         assert a[key] == b[key], key
+    assert [d["memory_dims"] for d in a["diagnostics"]] == [d["memory_dims"] for d in b["diagnostics"]]
 
 
 def latest(out: Path) -> str:
@@ -112,11 +113,12 @@ def test_checkpoints_layout_and_pruning(reference: Reference) -> None:
     assert latest(reference.out) == "task_003"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "task_002", "task_003"]  # the last KEEP=2 kept
     meta = json.loads((root / "task_003" / "state.json").read_text())
-    assert meta["tasks_done"] == 3 and meta["head_sizes"] == [3, 3, 3]
+    assert meta["tasks_done"] == 3 and meta["method"] == "inflora"
     assert meta["run_state"]["accuracy"] == reference.results["accuracy_matrix"]
     tensors = load_file(root / "task_003" / "tensors.safetensors")
-    assert {k.split(".")[0] for k in tensors} == {"heads", "extra", "class_stats", "rng"}
-    assert "extra.adapter.meta" in tensors and "class_stats.class5.outer" in tensors
+    assert {k.split(".")[0] for k in tensors} == {"learner", "rng"}  # the learner's state_dict(), saved whole
+    assert tensors["learner.classifier.head_sizes"].tolist() == [3, 3, 3]
+    assert "learner.adapter.meta" in tensors and "learner.classifier.class_stats.class5.outer" in tensors
 
 
 def test_resume_of_a_finished_run_changes_nothing(reference: Reference, tmp_path: Path) -> None:
@@ -190,10 +192,10 @@ def test_resume_with_other_config_is_refused(reference: Reference, tmp_path: Pat
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = copy_run(reference, tmp_path)
     config_before = (out / "config.yaml").read_text()
-    args = run_args(reference.images, "adapter.rank=3", "train.lr=0.02", "train.progress=true")
+    args = run_args(reference.images, "inflora.rank=3", "train.lr=0.02", "train.progress=true")
     assert main([*args, "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "adapter.rank" in err and "train.lr" in err and "train.progress" not in err
+    assert "inflora.rank" in err and "train.lr" in err and "train.progress" not in err
     assert (out / "config.yaml").read_text() == config_before
 
 

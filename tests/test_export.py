@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,6 @@ import yaml
 from PIL import Image
 
 from inflora import cli
-from inflora.adapter.layers import LoRALinear
 from inflora.config import from_dict, to_dict
 from inflora.engine import Experiment
 from inflora.export import (
@@ -30,6 +27,7 @@ from inflora.export import (
     merged_copy,
     read_manifest,
 )
+from inflora.lora import LoRALinear
 
 TOL = 1e-5
 IMAGE_CLASSES = ["apple", "boat", "cloud", "dune"]
@@ -57,7 +55,7 @@ def _image_config(root: Path) -> dict[str, Any]:
                      "transforms": "imagenet"},
             "model": {"backbone": "timm:vit_tiny_patch16_224", "pretrained": False,
                       "options": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}},
-            "adapter": {"rank": 4}}
+            "inflora": {"rank": 4}}
 
 
 def _write_images(root: Path) -> None:
@@ -96,7 +94,7 @@ def _write_texts(root: Path) -> None:
 def _text_config(root: Path) -> dict[str, Any]:
     return {"data": {"name": "text-files", "data_dir": str(root), "options": {"train": "train.csv",
                                                                              "test": "test.csv"}},
-            "model": {"backbone": f"hf:{root / 'bert'}", "max_length": 16}, "adapter": {"rank": 4}}
+            "model": {"backbone": f"hf:{root / 'bert'}", "max_length": 16}, "inflora": {"rank": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +118,8 @@ def text_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Experiment, Path
 
 @torch.no_grad()
 def _learner_logits(experiment: Experiment, inputs: Any) -> torch.Tensor:
-    experiment.learner.backbone.eval()
-    return experiment.learner.logits(experiment.learner.features(inputs), experiment.state.tasks_done - 1)
+    experiment.learner.train_mode(False)
+    return experiment.learner.predict(inputs, experiment.state.tasks_done - 1)
 
 
 def _test_images(root: Path) -> list[Path]:
@@ -306,37 +304,15 @@ def test_export_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "no config.yaml" in capsys.readouterr().err
 
 
-def test_export_cli_through_restore(image_run: tuple[Experiment, Path], tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """The CLI path: config.yaml -> Experiment -> ``restore(experiment, out_dir) -> bool`` -> export (a stub restore
-    copies the trained experiment's heads, adapter and run state)."""
-    trained, root = image_run
+def test_export_of_a_run_without_checkpoints_is_refused(image_run: tuple[Experiment, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    trained, _ = image_run
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(trained.config)))
-    calls: list[Path] = []
-
-    def restore(experiment: Experiment, out_dir: Path) -> bool:
-        calls.append(Path(out_dir))
-        for size in trained.learner.heads.sizes:
-            experiment.learner.heads.add(size)
-        experiment.learner.heads.load_state_dict(trained.learner.heads.state_dict())
-        experiment.learner.load_extra_state(trained.learner.extra_state())
-        experiment.state = copy.deepcopy(trained.state)
-        return True
-
-    monkeypatch.setitem(sys.modules, "inflora.checkpoint", types.SimpleNamespace(restore=restore))
-    assert cli.main(["export", str(run_dir), "--to", str(tmp_path / "m")]) == 0
-    assert calls == [run_dir] and "4 classes" in capsys.readouterr().out
-    assert read_manifest(tmp_path / "m")["source_run"] == str(run_dir.resolve())
-    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert torch.allclose(ExportedModel.load(tmp_path / "m")(x), ExportedModel.load(root / "model")(x), atol=TOL)
-
-    monkeypatch.setitem(sys.modules, "inflora.checkpoint", types.SimpleNamespace(restore=lambda e, d: False))
-    assert cli.main(["export", str(run_dir), "--to", str(tmp_path / "m2")]) == 1
+    assert cli.main(["export", str(run_dir), "--to", str(tmp_path / "m")]) == 1
     assert "has no checkpoint" in capsys.readouterr().err
-
+    assert not (tmp_path / "m").exists()
 
 def test_export_of_a_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``inflora run`` (with its checkpoints) then ``inflora export``: the export equals the restored learner."""
@@ -371,7 +347,7 @@ def test_minilm_clinc150_export(data_dir: Path, tmp_path: Path) -> None:
     experiment = _train({"data": {"name": "clinc150", "data_dir": str(data_dir)}, "scenario": scenario,
                          "model": {"backbone": "all-MiniLM-L6-v2", "max_length": 32}})
     manifest = export_experiment(experiment, tmp_path / "m")
-    assert manifest["feature_dim"] == 384 and manifest["num_classes"] == sum(experiment.learner.heads.sizes)
+    assert manifest["feature_dim"] == 384 and manifest["num_classes"] == experiment.layout.num_classes
     texts = ["what's the weather like tomorrow", "transfer 20 dollars to my savings", "play some jazz"]
     model = ExportedModel.load(tmp_path / "m")
     with torch.no_grad():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from inflora.heads import TaskHeads
 
 from inflora.alignment import ClassStatistics, align_heads
 from inflora.config import AlignmentConfig
 from inflora.engine import reference_cosine
-from inflora.heads import TaskHeads
 from inflora.sampling import LengthGroupedBatches
 
 

@@ -7,12 +7,10 @@ over several domains). Heads are re-trained on samples drawn from ``N(mean, cov 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
-
-from .config import AlignmentConfig
-from .heads import TaskHeads
 
 
 class ClassStatistics:
@@ -77,7 +75,7 @@ def _reference_cosine(epoch: int, epochs: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
-def align_heads(heads: TaskHeads, stats: ClassStatistics, classes: list[int], upto: int, config: AlignmentConfig,
+def align_heads(heads: Any, stats: ClassStatistics, classes: list[int], upto: int, config: Any,
                 generator: torch.Generator) -> float:
     """Re-train heads ``0..upto`` on Gaussian samples of ``classes`` (global labels). Returns the last loss.
 

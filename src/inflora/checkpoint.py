@@ -2,7 +2,7 @@
 
 Layout inside a run folder::
 
-    checkpoints/task_002/tensors.safetensors   heads, learner extra state (adapter), class statistics, torch RNGs
+    checkpoints/task_002/tensors.safetensors   the learner's state_dict() (prefix "learner."), torch RNGs
     checkpoints/task_002/state.json            run state, resolved config, Python/NumPy RNGs, checksum of the tensors
     checkpoints/latest                         "task_002": the last complete checkpoint
 
@@ -27,7 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,14 +36,12 @@ from safetensors.torch import save as save_tensors
 
 from . import distributed
 from .config import ConfigError, RunConfig, to_dict
-from .results import atomic_write_text
-
-if TYPE_CHECKING:
-    from .engine import Experiment
+from .faults import FAULT_ENV, InjectedFault, fault  # noqa: F401  (re-exported for the tests)
+from .results import RunState, atomic_write_text
 
 log = logging.getLogger("inflora")
 
-FORMAT = 1
+FORMAT = 2
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "state.json"
@@ -53,47 +51,8 @@ KEEP = 2
 COSMETIC_KEYS = frozenset({"description", "data.data_dir", "train.progress", "train.num_workers", "train.device"})
 """Config keys that do not change results: a run may be resumed with other values."""
 
-FAULT_ENV = "INFLORA_FAULT"
-FAULT_EXIT_CODE = 87
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, of another format, or not writable."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised by :func:`fault` for the ``raise`` action."""
-
-
-def fault(point: str, **context: object) -> str | None:
-    """Fault-injection hook for tests, read from ``$INFLORA_FAULT`` and nowhere else.
-
-    The variable holds comma-separated specs ``<point>[:<key>=<value>...][:<action>]``, e.g. ``train:task=1:step=3``.
-    A spec fires when ``point`` matches and every given key equals ``context[key]`` (compared as text; ``rank`` is
-    always in the context). Actions: ``exit`` (default) ends the process at once with status 87, as a kill would (no
-    clean-up, no flushing); ``raise`` raises :class:`InjectedFault`; ``nan`` is returned, and the caller makes its
-    loss NaN. Points: ``train`` (task, epoch, step: before the step's update), ``stats`` (task, phase: ``design`` or
-    ``memory``, batch), ``checkpoint`` (task: the task just finished; stage: ``tensors``
-    after the tensor file is written, ``folder`` after the folder is renamed into place, before ``latest`` moves).
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    context = {"rank": distributed.rank(), **context}
-    for item in spec.split(","):
-        name, *parts = item.strip().split(":")
-        if name != point:
-            continue
-        wanted = dict(p.split("=", 1) for p in parts if "=" in p)
-        actions = [p for p in parts if "=" not in p]
-        if all(str(context.get(k)) == v for k, v in wanted.items()):
-            action = actions[0] if actions else "exit"
-            if action == "exit":
-                os._exit(FAULT_EXIT_CODE)
-            if action == "raise":
-                raise InjectedFault(f"injected fault at {point} {context}")
-            return action
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -141,34 +100,26 @@ def _set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
         torch.cuda.set_rng_state_all(cuda)
 
 
-def checkpoint_tensors(experiment: Experiment) -> dict[str, torch.Tensor]:
-    """Heads, the learner's extra state and the class statistics, as CPU tensors keyed by prefix."""
-    learner = experiment.learner
-    tensors = {f"heads.{k}": v.detach() for k, v in learner.heads.state_dict().items()}
-    tensors.update({f"extra.{k}": v.detach() for k, v in learner.extra_state().items()})
-    tensors.update({f"class_stats.{k}": v for k, v in experiment.class_stats.state_dict().items()})
-    return {k: v.cpu().contiguous() for k, v in tensors.items()}
-
-
-def save_checkpoint(experiment: Experiment, out: Path, keep: int = KEEP) -> Path:
-    """Write the checkpoint of ``experiment`` after its last finished task into ``out/checkpoints``; point
+def save_checkpoint(out: Path, state: RunState, learner_state: dict[str, torch.Tensor], config: RunConfig,
+                    num_tasks: int, cuda: bool = False, keep: int = KEEP) -> Path:
+    """Write the checkpoint after the last finished task of ``state`` into ``out/checkpoints``: the learner's whole
+    ``state_dict()``, the run state, the resolved config and the RNG states (the CUDA ones when ``cuda``); point
     ``latest`` at it; prune to the last ``keep``. Returns the checkpoint folder."""
-    state = experiment.state
     done = state.tasks_done
     root = Path(out) / CHECKPOINTS
     name = f"task_{done:03d}"
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    rng_meta, rng_tensors = _rng_state(experiment.device.type == "cuda")
-    tensor_bytes = save_tensors({**checkpoint_tensors(experiment), **rng_tensors})
+    rng_meta, rng_tensors = _rng_state(cuda)
+    tensors = {f"learner.{k}": v.detach().cpu().contiguous() for k, v in learner_state.items()}
+    tensor_bytes = save_tensors({**tensors, **rng_tensors})
     meta = {
         "format": FORMAT,
         "tasks_done": done,
-        "num_tasks": experiment.num_tasks,
-        "method": experiment.config.method,
-        "head_sizes": list(experiment.learner.heads.sizes),
+        "num_tasks": num_tasks,
+        "method": config.method,
         "run_state": dataclasses.asdict(state),
-        "config": to_dict(experiment.config),
+        "config": to_dict(config),
         "rng": rng_meta,
         "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
     }
@@ -211,27 +162,10 @@ def clear_checkpoints(out: Path) -> None:
     shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
 
 
-def estimate_bytes(experiment: Experiment) -> int:
-    """An upper estimate of one checkpoint's size at the end of the run (for the free-space check)."""
-    learner = experiment.learner
-    dim = learner.backbone.feature_dim
-    classes = sum(len(t.classes) for t in experiment.scenario.tasks)
-    total = 4 * (dim + 1) * classes + 64 * 1024
-    adapter = getattr(learner, "adapter", None)
-    if adapter is not None:
-        rank = adapter.config.rank
-        for site in adapter.sites.values():
-            total += 4 * site.dim * site.dim
-            total += sum(4 * rank * (layer.in_features + layer.out_features) for _, layer in site.layers) * \
-                experiment.num_tasks
-    if experiment.config.alignment.enabled:
-        total += 8 * (dim * dim + dim + 1) * classes
-    return total
-
-
-def check_free_space(experiment: Experiment, out: Path, keep: int = KEEP) -> None:
-    """Refuse to start when ``out`` cannot hold ``keep`` checkpoints plus the one being written."""
-    need = (keep + 1) * estimate_bytes(experiment)
+def check_free_space(out: Path, checkpoint_bytes: int, keep: int = KEEP) -> None:
+    """Refuse to start when ``out`` cannot hold ``keep`` checkpoints of ``checkpoint_bytes`` (an upper estimate of
+    one, e.g. the learner's ``estimate_state_bytes()``) plus the one being written."""
+    need = (keep + 1) * (int(checkpoint_bytes) + 64 * 1024)
     free = shutil.disk_usage(out).free
     if free < need:
         raise ConfigError(f"output folder {out} has {free / 2**20:.1f} MiB free, but the checkpoints of this run need "
@@ -293,7 +227,7 @@ def _parse(folder: Path, state_bytes: bytes, tensor_bytes: bytes) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint file {state_file} has format {meta.get('format')!r}; this version of "
                               f"inflora reads format {FORMAT}")
-    missing = [k for k in ("tasks_done", "config", "run_state", "head_sizes", "rng", "tensors_sha256") if k not in meta]
+    missing = [k for k in ("tasks_done", "config", "run_state", "rng", "tensors_sha256") if k not in meta]
     if missing:
         raise CheckpointError(f"checkpoint file {state_file} is corrupt: missing {', '.join(missing)}")
     if hashlib.sha256(tensor_bytes).hexdigest() != meta["tensors_sha256"]:
@@ -318,10 +252,10 @@ def load_latest(out: Path) -> Checkpoint | None:
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    sections = {f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)}
+    """Top-level sections (``train``, ``inflora``, ...) as dotted keys."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if key in sections and isinstance(value, dict):
+        if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
@@ -347,30 +281,6 @@ def check_config(checkpoint: Checkpoint, config: RunConfig) -> None:
                           "the original settings or start a new run in another --out")
 
 
-def restore(experiment: Experiment, checkpoint: Checkpoint) -> None:
-    """Load ``checkpoint`` into a freshly built ``experiment``: heads, learner extra state, class statistics, run
-    state and RNG states. ``experiment.run()`` then continues at the next task."""
-    from .engine import RunState
-
-    check_config(checkpoint, experiment.config)
-    meta = checkpoint.meta
-    if experiment.state.tasks_done or len(experiment.learner.heads):
-        raise RuntimeError("restore needs a freshly built experiment")
-    if meta["num_tasks"] != experiment.num_tasks:
-        raise CheckpointError(f"{checkpoint.path} holds a run of {meta['num_tasks']} tasks; this one has "
-                              f"{experiment.num_tasks}")
-    learner = experiment.learner
-    try:
-        for size in meta["head_sizes"]:
-            learner.heads.add(int(size))
-        learner.heads.to(learner.device)
-        learner.heads.load_state_dict(checkpoint.section("heads"))
-        learner.heads.requires_grad_(False)
-        learner.load_extra_state(checkpoint.section("extra"))
-        experiment.class_stats.load_state_dict(checkpoint.section("class_stats"))
-        experiment.state = RunState(**meta["run_state"])
-        _set_rng_state(meta["rng"], {k: v for k, v in checkpoint.tensors.items() if k.startswith("rng.")})
-    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {checkpoint.path} does not fit this run: {exc}") from exc
-    log.info("resumed from %s: %d of %d tasks done", checkpoint.path, experiment.state.tasks_done,
-             experiment.num_tasks)
+def restore_rng(checkpoint: Checkpoint) -> None:
+    """Set the Python, NumPy and torch RNG states saved in ``checkpoint``."""
+    _set_rng_state(checkpoint.meta["rng"], {k: v for k, v in checkpoint.tensors.items() if k.startswith("rng.")})

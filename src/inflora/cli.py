@@ -68,7 +68,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool) -> dict[str, Any]:
     """Run one seed into ``out``; write results.json, config.yaml, run.log and a checkpoint after every task (rank 0
     only under torchrun). ``resume``: continue from the last complete checkpoint, if any. Returns the results."""
-    from .checkpoint import check_config, check_free_space, clear_checkpoints, load_latest, restore, save_checkpoint
+    from .checkpoint import check_config, check_free_space, clear_checkpoints, load_latest, save_checkpoint
     from .engine import Experiment
 
     main = distributed.is_main()
@@ -84,11 +84,12 @@ def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool) -> dict[str
         write_yaml(out / "config.yaml", to_dict(config))
     log.info("run %s (method %s, seed %d) -> %s", config.benchmark, config.method, config.seed, out)
     experiment = Experiment(config, progress=config.train.progress and not quiet and main)
-    distributed.on_main(lambda: check_free_space(experiment, out))
+    distributed.on_main(lambda: check_free_space(out, experiment.learner.estimate_state_bytes()))
     if checkpoint is not None:
-        restore(experiment, checkpoint)
+        experiment.restore(checkpoint)
     if main:
-        experiment.on_task_end.append(lambda e: save_checkpoint(e, out))
+        experiment.on_task_end.append(lambda e: save_checkpoint(out, e.state, e.learner.state_dict(), e.config,
+                                                               e.num_tasks, cuda=e.device.type == "cuda"))
     results = experiment.run()
     if main:
         write_json(out / "results.json", results)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # user-facing errors of the data, backbone and training layers
         from .backbones import BackboneError
         from .data import DataError
-        from .engine import TrainingDiverged
+        from .training import TrainingDiverged
 
         if isinstance(exc, (DataError, BackboneError, TrainingDiverged, ValueError, OSError)):
             print(f"inflora: error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ file holding a partial configuration; overrides use dotted keys (``train.epochs=
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,27 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+SECTIONS: dict[str, tuple[str, type]] = {}
+"""Option sections: name -> (kind, dataclass type). Filled by the package's method and classifier registries."""
+CHOICES: dict[str, set[str]] = {"method": set(), "classifier": set()}
+"""Valid values of ``method`` and ``classifier`` (filled by the same registries)."""
+
+
+def register_choice(kind: str, name: str, options: type | None) -> None:
+    """Declare a ``method`` or ``classifier`` value and its option section (a dataclass built with :func:`opt`
+    fields, or ``None``). Called by the learner and classifier registries; this module imports nothing else of
+    the package."""
+    if kind not in CHOICES:
+        raise ValueError(f"kind must be one of {sorted(CHOICES)}, got {kind!r}")
+    if options is not None:
+        if not dataclasses.is_dataclass(options):
+            raise TypeError(f"options of {kind} {name!r} must be a dataclass, got {options!r}")
+        owner = SECTIONS.get(name)
+        if owner is not None and owner != (kind, options):
+            raise ValueError(f"option section {name!r} is already registered by {owner[0]} {name!r}")
+        SECTIONS[name] = (kind, options)
+    CHOICES[kind].add(name)
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -63,29 +85,10 @@ class ModelConfig:
 
 
 @dataclass
-class AdapterConfig:
-    """InfLoRA / LoRA adapter settings (see InfLoRAConfig)."""
-
-    preset: str | None = opt(None, "layer preset (default: the backbone's, timm-vit-kv or bert-kv)")
-    targets: str | None = opt(None, "regex of nn.Linear names to adapt instead of a preset")
-    blocks: int | None = opt(None, "adapt only the first N blocks (the paper's b5: 5)")
-    rank: int = opt(10, "rank r of each task's branch")
-    lamb: float = opt(0.95, "memory threshold at the first task")
-    lame: float = opt(1.0, "memory threshold the schedule moves towards")
-    memory: Literal["dualgpm", "gpm"] = opt("dualgpm", "DualGPM or plain GPM")
-    energy: Literal["faithful", "gpm"] = opt("faithful", "energy rule: faithful (S**2 of C) or gpm")
-    projection: Literal["one-sided", "two-sided"] = opt("one-sided", "old-space removal before the SVD")
-    design: Literal["inflora", "random", "new-task", "complement"] = opt("inflora", "down-projection design")
-    stats_samples: int | None = opt(None, "samples per task in each statistics pass (None: all)")
-
-
-@dataclass
 class TrainConfig:
     """Optimisation."""
 
     epochs: int = opt(2, "epochs per task")
-    loss: Literal["local", "seen"] = opt("local", "cross-entropy over the current head only (local, the reference) "
-                                                  "or over all seen classes' logits with old heads frozen (seen)")
     batch_size: int = opt(32, "training batch size (global, over all ranks)")
     eval_batch_size: int = opt(128, "evaluation / statistics batch size")
     optimizer: Literal["adam", "sgd"] = opt("adam", "optimiser")
@@ -104,34 +107,42 @@ class TrainConfig:
 
 
 @dataclass
-class AlignmentConfig:
-    """Classifier alignment (+CA): heads re-aligned on samples from stored class feature Gaussians."""
-
-    enabled: bool = opt(False, "align the heads after each task (no input is kept: only means and covariances)")
-    epochs: int = opt(5, "alignment epochs")
-    lr: float = opt(0.01, "alignment SGD learning rate (cosine schedule)")
-    momentum: float = opt(0.9, "alignment SGD momentum")
-    weight_decay: float = opt(5e-4, "alignment weight decay")
-    samples_per_class: int = opt(256, "samples drawn per seen class each epoch")
-    batch_size: int = opt(128, "alignment batch size")
-    shrink: float = opt(1e-4, "added to the covariance diagonal")
-    logit_norm: float | None = opt(None, "logit normalisation temperature (0.1 on ImageNet-R; None: off)")
-
-
-@dataclass
 class RunConfig:
-    """A whole continual-learning run."""
+    """A whole continual-learning run. Besides these fields, the chosen method's and classifier's option sections
+    (e.g. ``inflora:``, ``aligned:``) live in ``sections``; read them with :meth:`options`."""
 
     benchmark: str = opt("custom", "name of the benchmark setting (presets set it)")
     description: str = opt("", "one line describing the setting")
-    method: str = opt("inflora", "learner: inflora, seqlora, joint, frozen")
+    method: str = opt("inflora", "learner (see `inflora methods`); its options are the section of the same name")
+    classifier: str = opt("linear", "classifier component: linear (per-task heads), aligned (+CA), ...; its options "
+                                    "are the section of the same name")
     seed: int = opt(0, "random seed")
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False,
+                                                metadata={"help": "option sections", "internal": True})
+    cli_sections: set[str] = field(default_factory=set, repr=False, compare=False,
+                                   metadata={"help": "sections set on the command line", "internal": True})
+
+    def options(self, section: str) -> Any:
+        """The typed options of ``section`` (a registered method or classifier): defaults plus what was set."""
+        if section not in SECTIONS:
+            raise ConfigError(f"no option section {section!r}; sections: {', '.join(sorted(SECTIONS)) or '(none)'}")
+        _, cls = SECTIONS[section]
+        instance = cls()
+        apply_mapping(instance, self.sections.get(section, {}), prefix=f"{section}.")
+        return instance
+
+    @property
+    def method_options(self) -> Any:
+        """The chosen method's typed options (``None`` for a method without options)."""
+        return self.options(self.method) if self.method in SECTIONS else None
+
+    @property
+    def classifier_options(self) -> Any:
+        return self.options(self.classifier) if self.classifier in SECTIONS else None
 
 
 class ConfigError(ValueError):
@@ -200,15 +211,20 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def apply_mapping(config: Any, mapping: dict[str, Any], prefix: str = "") -> None:
-    """Set fields of the dataclass ``config`` from a nested mapping, validating keys and types."""
+    """Set fields of the dataclass ``config`` from a nested mapping, validating keys and types. On a
+    :class:`RunConfig`, a top-level key naming a registered method or classifier holds that option section."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {mapping!r}")
     hints = _hints(type(config))
-    names = [f.name for f in dataclasses.fields(config)]
+    names = [f.name for f in dataclasses.fields(config) if not f.metadata.get("internal")]
     for key, value in mapping.items():
         full = f"{prefix}{key}"
+        if isinstance(config, RunConfig) and key in SECTIONS:
+            _set_section(config, key, value)
+            continue
         if key not in names:
-            raise ConfigError(f"unknown key {full!r}; valid keys here: {', '.join(prefix + n for n in names)}")
+            extra = f"; option sections: {', '.join(sorted(SECTIONS))}" if isinstance(config, RunConfig) else ""
+            raise ConfigError(f"unknown key {full!r}; valid keys here: {', '.join(prefix + n for n in names)}{extra}")
         current = getattr(config, key)
         if dataclasses.is_dataclass(current):
             apply_mapping(current, value, prefix=f"{full}.")
@@ -216,23 +232,51 @@ def apply_mapping(config: Any, mapping: dict[str, Any], prefix: str = "") -> Non
             setattr(config, key, _check_type(value, hints[key], full))
 
 
+def _set_section(config: RunConfig, section: str, mapping: Any) -> None:
+    """Merge ``mapping`` into option section ``section``, checked against its typed options now."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{section}: expected a mapping of options, got {mapping!r}")
+    merged = {**config.sections.get(section, {}), **mapping}
+    _, cls = SECTIONS[section]
+    probe = cls()
+    apply_mapping(probe, merged, prefix=f"{section}.")  # unknown keys and bad types fail here, naming valid keys
+    config.sections[section] = {k: getattr(probe, k) for k in merged}
+
+
 def set_override(config: RunConfig, assignment: str) -> None:
-    """Apply one ``dotted.key=value`` override; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    """Apply one ``dotted.key=value`` override; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``).
+    Sections set here must belong to the chosen method or classifier (checked by :func:`validate`)."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key=value")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({exc})") from None
     node: dict[str, Any] = {}
     cursor = node
     parts = key.strip().split(".")
     for part in parts[:-1]:
         cursor = cursor.setdefault(part, {})
     cursor[parts[-1]] = value
+    if parts[0] in SECTIONS:
+        config.cli_sections.add(parts[0])
     apply_mapping(config, node)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Plain data of a config. A :class:`RunConfig` gives its fields plus the resolved option sections of the
+    chosen method and classifier (all their options, defaults included); other sections are left out."""
+    if not isinstance(config, RunConfig):
+        return dataclasses.asdict(config)
+    out = {f.name: dataclasses.asdict(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
+           for f in dataclasses.fields(config) if not f.metadata.get("internal")}
+    for section in (config.method, config.classifier):
+        if section in SECTIONS:
+            out[section] = dataclasses.asdict(config.options(section))
+    return out
 
 
 def from_dict(mapping: dict[str, Any]) -> RunConfig:
@@ -281,31 +325,49 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] | tuple[
 
 
 def validate(config: RunConfig) -> None:
-    """Checks that span several fields."""
-    from .learners import LEARNERS
-
-    if config.method not in LEARNERS:
-        raise ConfigError(f"method: {config.method!r} is not one of {', '.join(sorted(LEARNERS))}")
+    """Checks that span several fields; the chosen method's and classifier's own ``validate()``."""
+    for kind, name in (("method", config.method), ("classifier", config.classifier)):
+        if name not in CHOICES[kind]:
+            valid = ", ".join(sorted(CHOICES[kind])) or "(none registered)"
+            raise ConfigError(f"{kind}: {name!r} is not one of {valid}")
+    chosen = {config.method, config.classifier}
+    stray = sorted(s for s in config.cli_sections if s not in chosen)
+    if stray:
+        valid = [f"{s}.{f.name}" for s in sorted(chosen) if s in SECTIONS for f in dataclasses.fields(SECTIONS[s][1])]
+        raise ConfigError(f"option section(s) {', '.join(stray)} do not belong to method {config.method!r} or "
+                          f"classifier {config.classifier!r}; their options: {', '.join(valid) or '(none)'}")
     positive = {"scenario.num_tasks": config.scenario.num_tasks, "train.epochs": config.train.epochs,
-                "train.batch_size": config.train.batch_size, "train.eval_batch_size": config.train.eval_batch_size,
-                "adapter.rank": config.adapter.rank}
+                "train.batch_size": config.train.batch_size, "train.eval_batch_size": config.train.eval_batch_size}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if config.train.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {config.train.lr}")
-    if not (0 < config.adapter.lamb <= 1 and 0 < config.adapter.lame <= 1):
-        raise ConfigError("adapter.lamb and adapter.lame must lie in (0, 1]")
+    if not (config.train.lr > 0 and math.isfinite(config.train.lr)):
+        raise ConfigError(f"train.lr must be a finite number > 0, got {config.train.lr}")
+    if config.train.head_lr is not None and not (config.train.head_lr > 0 and math.isfinite(config.train.head_lr)):
+        raise ConfigError(f"train.head_lr must be a finite number > 0, got {config.train.head_lr}")
+    for section in sorted(chosen & set(SECTIONS)):
+        check = getattr(config.options(section), "validate", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as exc:
+                raise ConfigError(f"{section}: {exc}") from None
 
 
 def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(key, default, help)`` for every configuration field, for ``--help-config``."""
+    """``(key, default, help)`` for every configuration field, then every registered option section."""
     rows = []
     instance = cls()
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(value):
             rows.extend(describe_fields(type(value), prefix=f"{prefix}{f.name}."))
         else:
             rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+    if cls is RunConfig:
+        for section, (kind, options) in sorted(SECTIONS.items()):
+            rows.extend((key, default, f"[{kind} {section}] {text}")
+                        for key, default, text in describe_fields(options, prefix=f"{section}."))
     return rows

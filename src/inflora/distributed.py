@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 if TYPE_CHECKING:
-    from .learners import Learner
+    from .learners import Learner, TaskContext
 
 T = TypeVar("T")
 
@@ -141,29 +141,24 @@ class RankError(ValueError):
 
 
 class TaskStep(nn.Module):
-    """One training step of the current task as a module: the learner's features and loss, scaled by ``weight``.
+    """One training step of the current task as a module: the learner's step, its loss scaled by ``weight``.
 
-    The trainable parameters change every task (a new branch and head), so the engine wraps a fresh ``TaskStep``
-    in :class:`~torch.nn.parallel.DistributedDataParallel` after ``begin_task``; DDP then averages the gradients of
-    exactly that task's parameters.
+    The trainable parameters change every task (a new branch and head), so the training loop wraps a fresh
+    ``TaskStep`` in :class:`~torch.nn.parallel.DistributedDataParallel` each task; DDP then averages the gradients
+    of exactly that task's parameters. The step's logged figures are kept in ``last_logs``.
     """
 
-    def __init__(self, learner: Learner, task: int) -> None:
+    def __init__(self, learner: Learner, ctx: TaskContext) -> None:
         super().__init__()
-        self.backbone = learner.backbone
-        self.heads = learner.heads
+        self.parts = nn.ModuleList(learner.modules())
         self.learner = learner
-        self.task = task
+        self.ctx = ctx
+        self.last_logs: dict[str, Any] = {}
 
     def forward(self, inputs: Any, labels: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-        learner = self.learner
-        if learner.trains_backbone:
-            features = learner.features(inputs)
-        else:
-            with torch.no_grad():
-                features = learner.features(inputs)
-        loss = learner.training_loss(features.float(), labels, self.task)
-        return loss if weight == 1.0 else loss * weight
+        out = self.learner.training_step(inputs, labels, self.ctx)
+        self.last_logs = out.logs
+        return out.loss if weight == 1.0 else out.loss * weight
 
 
 def wrap_ddp(step: TaskStep, device: torch.device) -> nn.Module:

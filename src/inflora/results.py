@@ -4,15 +4,61 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import metrics
 from .metrics import mean_std
 
 SUMMARY_KEYS = ("final_accuracy", "average_accuracy", "final_accuracy_task_avg", "average_accuracy_task_avg",
                 "forgetting", "backward_transfer", "task_il_accuracy", "task_id_accuracy")
+
+
+@dataclass
+class RunState:
+    """Everything a run has produced so far (what a checkpoint holds besides tensors): per finished task, the rows
+    of the accuracy matrices, the timings and the learner's diagnostics."""
+
+    tasks_done: int = 0
+    accuracy: list[list[float]] = field(default_factory=list)
+    task_il: list[list[float]] = field(default_factory=list)
+    task_id: list[list[float]] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_task(self, row: list[float], til: list[float], tid: list[float], timings: dict[str, float],
+                 diagnostics: dict[str, Any]) -> None:
+        self.accuracy.append(row)
+        self.task_il.append(til)
+        self.task_id.append(tid)
+        self.timings.append(timings)
+        self.diagnostics.append(diagnostics)
+        self.tasks_done += 1
+
+
+def build_results(state: RunState, counts: list[int], header: dict[str, Any]) -> dict[str, Any]:
+    """The results dictionary of a run: ``header`` (method, benchmark, seed, ...), the matrices, the summary
+    metrics (:func:`inflora.metrics.summarize`), accuracy after each task, timings and diagnostics."""
+    counts = counts[: state.tasks_done]
+    s = state
+    summary = metrics.summarize(s.accuracy, counts, task_il=s.task_il, task_id=s.task_id) if s.accuracy else {}
+    config = header.pop("config", None)
+    return {
+        **header,
+        "tasks_done": s.tasks_done,
+        "test_counts": counts,
+        "accuracy_matrix": s.accuracy,
+        "task_il_matrix": s.task_il,
+        "task_id_matrix": s.task_id,
+        **summary,
+        "accuracy_after_task": [metrics.accuracy_after(s.accuracy, t, counts) for t in range(s.tasks_done)],
+        "timings": s.timings,
+        "diagnostics": s.diagnostics,
+        "config": config,
+    }
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -58,7 +104,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{i + 1:>10} | {cells} | {results['accuracy_after_task'][i]:6.2f}")
     timings = results["timings"]
     train = sum(t["train_s"] for t in timings)
-    overhead = sum(t["stats_s"] + t["design_s"] + t["memory_s"] for t in timings)
+    overhead = sum(d.get("method_s", 0.0) for d in results.get("diagnostics", []))
     lines.append("")
     lines.append(f"final accuracy A_T      {results.get('final_accuracy', float('nan')):6.2f}   "
                  f"(task-averaged {results.get('final_accuracy_task_avg', float('nan')):.2f})")
@@ -69,8 +115,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"task-IL accuracy        {results.get('task_il_accuracy', float('nan')):6.2f}   "
                  f"task-id accuracy {results.get('task_id_accuracy', float('nan')):.2f}")
     share = f"{100 * overhead / train:.1f}% of training" if train > 0 else "n/a"
-    lines.append(f"time: training {train:.1f}s, statistics/design/memory {overhead:.1f}s ({share}), "
-                 f"evaluation {sum(t['eval_s'] for t in timings):.1f}s")
+    lines.append(f"time: training {train:.1f}s, method-specific work {overhead:.1f}s ({share}), end of task "
+                 f"{sum(t['end_s'] for t in timings):.1f}s, evaluation {sum(t['eval_s'] for t in timings):.1f}s")
     return "\n".join(lines)
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .runtime import derive_seed
+
 
 class LengthGroupedBatches(Sampler[list[int]]):
     """Shuffled batches of similar length (as Hugging Face's ``group_by_length``).
@@ -119,5 +121,5 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + int(i) * 7919) % 2**63)
+            torch.manual_seed(derive_seed(self.seed, int(i)))
             return self.dataset[i]

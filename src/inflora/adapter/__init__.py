@@ -1,21 +1,27 @@
 """The InfLoRA adapter: attach to a model, collect statistics, design branches, keep the subspace memory."""
 
-from .adapter import InfLoRAAdapter, InfLoRAConfig, Site, attach
+from ..lora import LoRABranch, LoRALinear
+from .adapter import InfLoRAAdapter, Site, attach
 from .design import design_down
-from .layers import LoRALinear
 from .memory import SubspaceMemory, threshold
-from .stats import InputStats, collect_input_stats
+from .options import DesignOptions, InfLoRAConfig, RankOptions, TargetOptions
+from .stats import InputStats, StatsCollector, collect_input_stats
 from .targets import PRESETS, Preset, find_sites, register_preset
 
 __all__ = [
     "PRESETS",
+    "DesignOptions",
     "InfLoRAAdapter",
     "InfLoRAConfig",
     "InputStats",
+    "LoRABranch",
     "LoRALinear",
     "Preset",
+    "RankOptions",
     "Site",
+    "StatsCollector",
     "SubspaceMemory",
+    "TargetOptions",
     "attach",
     "collect_input_stats",
     "design_down",

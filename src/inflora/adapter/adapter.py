@@ -1,62 +1,25 @@
-"""The InfLoRA adapter: wraps a model's layers, designs branches, keeps the memory, merges, saves and loads."""
+"""The InfLoRA adapter: a policy on the generic LoRA layer (:mod:`inflora.lora`). Per site it collects nothing
+itself; it designs each task's down-projection from statistics, keeps the subspace memory, merges, saves and loads."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
 
 import torch
 from torch import nn
 
-from .design import DESIGNS, Design, Projection, design_down
-from .layers import LoRALinear
-from .memory import Energy, SubspaceMemory, threshold
+from ..lora import LoRALinear, unwrap, wrap_linears
+from .design import design_down
+from .memory import SubspaceMemory, threshold
+from .options import InfLoRAConfig
 from .targets import find_sites
 
+log = logging.getLogger("inflora")
+
 STATE_FORMAT = 1
-
-
-@dataclass
-class InfLoRAConfig:
-    """How the adapter designs, trains and remembers (defaults: faithful to the reference implementation)."""
-
-    rank: int = 10
-    """Rank r of each task's branch."""
-    lamb: float = 0.95
-    """Memory energy threshold at the first task (``eps_0``)."""
-    lame: float = 1.0
-    """Threshold the schedule moves towards: ``eps_t = lamb + (lame - lamb) * t / num_tasks``."""
-    num_tasks: int | None = None
-    """Total number of tasks T of the threshold schedule (None: ``lamb`` for every task)."""
-    memory: Literal["dualgpm", "gpm"] = "dualgpm"
-    """DualGPM (basis or complement, switching at d/2) or plain GPM (basis only)."""
-    energy: Energy = "faithful"
-    """Energy rule: "faithful" (squared singular values of the second moment) or "gpm" (of the inputs)."""
-    projection: Projection = "one-sided"
-    """Old-space removal before the SVD: "one-sided" (reference) or "two-sided" (paper)."""
-    design: Design = "inflora"
-    """Down-projection: "inflora", or the ablations "new-task", "complement", "random"."""
-    train_down: bool = False
-    """Also train D (SeqLoRA: plain LoRA, both factors trained)."""
-    update_memory: bool = True
-    """Grow the memory after each task (False for SeqLoRA)."""
-    merge: bool = True
-    """Merge each finished task's branch into the frozen weight (False keeps branches for inspection)."""
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if not (0.0 < self.lamb <= 1.0 and 0.0 < self.lame <= 1.0):
-            raise ValueError(f"thresholds lamb={self.lamb}, lame={self.lame} must lie in (0, 1]")
-        if self.num_tasks is not None and self.num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {self.num_tasks}")
-        choices = {"memory": ("dualgpm", "gpm"), "energy": ("faithful", "gpm"),
-                   "projection": ("one-sided", "two-sided"), "design": DESIGNS}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -93,7 +56,7 @@ class InfLoRAAdapter:
         self.merged: list[bool] = []
         self.added: list[dict[str, int]] = []  # directions added to each site's memory, per finished task
         self.generator: torch.Generator | None = None
-        self._merged_branches: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.short: list[dict[str, int]] = []  # per task: sites whose D_t got fewer than `rank` rows (rows given)
 
     # ------------------------------------------------------------------------------------------------ basics
     @property
@@ -122,6 +85,17 @@ class InfLoRAAdapter:
         """``{site: dimension of the old tasks' input space held}`` (whatever the mode)."""
         return {name: s.memory.memory_dim for name, s in self.sites.items()}
 
+    def old_space(self, name: str) -> torch.Tensor:
+        """Orthonormal basis (d x k, float64) of the old tasks' input space held for site ``name``, whatever the
+        memory's mode (in complement mode it is computed from the stored complement)."""
+        if name not in self.sites:
+            raise KeyError(f"no site {name!r}; sites: {list(self.sites)[:4]}... ({len(self.sites)})")
+        memory = self.sites[name].memory
+        if memory.mode == "basis":
+            return memory.basis.clone()
+        u, _, _ = torch.linalg.svd(memory.basis, full_matrices=True)
+        return u[:, memory.size :].contiguous()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The current task's trainable adapter parameters (``U_t``; also ``D_t`` with ``train_down``)."""
         if not self.in_task:
@@ -129,7 +103,7 @@ class InfLoRAAdapter:
         params: list[nn.Parameter] = []
         for site in self.sites.values():
             for _, layer in site.layers:
-                branch = layer.branch(self.task)
+                branch = layer.branch(str(self.task))
                 params.append(branch.up)
                 if isinstance(branch.down, nn.Parameter):
                     params.append(branch.down)
@@ -170,18 +144,25 @@ class InfLoRAAdapter:
         for layer in self.layers().values():
             for p in layer.parameters():
                 p.requires_grad_(False)
-        designed = {}
+        designed, short = {}, {}
         for name, site in self.sites.items():
             moment = stats[name] if needs_stats and stats is not None else None
             down = design_down(moment, site.memory, self.config.rank, design=self.config.design,
                                projection=self.config.projection, generator=self.generator)
             down = down.to(dtype=site.stats_layer.base.weight.dtype)
+            if down.shape[0] < self.config.rank:
+                short[name] = int(down.shape[0])
             site.downs.append(down)
             for _, layer in site.layers:
-                branch = layer.add_branch(self.task, down, train_down=self.config.train_down)
+                branch = layer.add_branch(str(self.task), down, train_down=self.config.train_down)
                 for p in branch.parameters():
                     p.requires_grad_(True)
             designed[name] = down
+        if short and not any(self.short):
+            log.warning("InfLoRA task %d: %d site(s) have fewer than rank=%d free directions outside the old tasks' "
+                        "input space (e.g. %s: %d); their branches use only those (see the diagnostics' short_sites)",
+                        self.task, len(short), self.config.rank, next(iter(short)), next(iter(short.values())))
+        self.short.append(short)
         self.in_task = True
         return designed
 
@@ -202,7 +183,7 @@ class InfLoRAAdapter:
             for name, site in self.sites.items():
                 added[name] = site.memory.update(stats[name], eps)
         for layer in self.layers().values():
-            for p in layer.branch(self.task).parameters():
+            for p in layer.branch(str(self.task)).parameters():
                 p.requires_grad_(False)
         self.merged.append(False)
         self.added.append(added)
@@ -219,18 +200,19 @@ class InfLoRAAdapter:
         for t in range(self.task):
             if self.merged[t]:
                 continue
-            for site in self.sites.values():
-                self._merged_branches[(site.name, t)] = [layer.merge_branch(t) for _, layer in site.layers]
+            for layer in self.layers().values():
+                layer.merge(str(t))
             self.merged[t] = True
             count += 1
         return count
 
     def branch_tensors(self, site: str, task: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(D, U)`` of task ``task``'s branch for each layer of ``site``, merged or not."""
-        if (site, task) in self._merged_branches:
-            return self._merged_branches[(site, task)]
-        return [(layer.branch(task).down.detach(), layer.branch(task).up.detach()) for _, layer in
-                self.sites[site].layers]
+        out = []
+        for _, layer in self.sites[site].layers:
+            branch = layer.branch(str(task))
+            out.append((branch.down.detach(), branch.up.detach()))
+        return out
 
     # ------------------------------------------------------------------------------------------------ export
     @torch.no_grad()
@@ -243,10 +225,7 @@ class InfLoRAAdapter:
             raise RuntimeError("cannot detach during a task: call end_task first")
         self.merge_branches()
         for site in self.sites.values():
-            for name, layer in site.layers:
-                parent_name, _, child = name.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                setattr(parent, child, layer.base)
+            unwrap(self.model, site.layers)
         self.sites = {}
         return self.model
 
@@ -268,6 +247,7 @@ class InfLoRAAdapter:
             "in_task": self.in_task,
             "merged": self.merged,
             "added": self.added,
+            "short": self.short,
         }
         state = {"meta": torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)}
         for i, site in enumerate(self.sites.values()):
@@ -314,7 +294,7 @@ class InfLoRAAdapter:
                         down = state[f"site{i}.layer{j}.down{t}"]
                         if j == 0:
                             site.downs.append(down.to(self.device, site.stats_layer.base.weight.dtype))
-                        branch = layer.add_branch(t, down, train_down=self.config.train_down)
+                        branch = layer.add_branch(str(t), down, train_down=self.config.train_down)
                         branch.up.copy_(state[f"site{i}.layer{j}.up{t}"])
                         branch.requires_grad_(t == n_tasks)
                 if t < n_tasks:
@@ -326,6 +306,7 @@ class InfLoRAAdapter:
         self.task, self.in_task = n_tasks, in_task
         self.merged = [bool(m) for m in meta["merged"]]
         self.added = [dict(a) for a in meta.get("added", [])]
+        self.short = [dict(a) for a in meta.get("short", [{} for _ in range(n_tasks + int(in_task))])]
 
 
 def attach(
@@ -354,25 +335,23 @@ def attach(
     config = config or InfLoRAConfig(**options)  # type: ignore[arg-type]
     config.validate()
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("model already has InfLoRA layers attached")
+        raise ValueError("model already has LoRA layers attached")
     specs = find_sites(model, preset=preset, targets=targets, blocks=blocks)
+    for spec in specs:
+        for name in spec.layers:
+            width = model.get_submodule(name).in_features
+            if config.rank > width:
+                raise ValueError(f"rank {config.rank} exceeds the input width {width} of layer {name!r}")
+    wrapped = wrap_linears(model, [(n, s) for spec in specs for n, s in zip(spec.layers, spec.slices, strict=True)])
+    by_name = dict(wrapped)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
     sites = []
     for spec in specs:
-        wrapped = []
-        for name, slices in zip(spec.layers, spec.slices, strict=True):
-            base = model.get_submodule(name)
-            if config.rank > base.in_features:
-                raise ValueError(f"rank {config.rank} exceeds the input width {base.in_features} of layer {name!r}")
-            layer = LoRALinear(base, slices)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer)
-            wrapped.append((name, layer))
-        dim = wrapped[0][1].in_features
+        layers = [(name, by_name[name]) for name in spec.layers]
+        dim = layers[0][1].in_features
         memory = SubspaceMemory(dim, dual=config.memory == "dualgpm", energy=config.energy,
-                                device=wrapped[0][1].base.weight.device)
-        sites.append(Site(spec.name, wrapped, dim, spec.block, memory, []))
+                                device=layers[0][1].base.weight.device)
+        sites.append(Site(spec.name, layers, dim, spec.block, memory, []))
     return InfLoRAAdapter(model, sites, config, preset, targets, blocks)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from .layers import kaiming_down
+from ..lora import kaiming_down
 from .memory import SubspaceMemory
 
 Projection = Literal["one-sided", "two-sided"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,76 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class StatsCollector:
+    """Forward pre-hooks that accumulate each adapted site's input second moment while the model runs.
+
+    Use as a context manager around forward passes of the model the adapter is attached to; call
+    :meth:`set_mask` with each text batch's ``attention_mask`` first (padding never counts). Products are summed on
+    the model's device in ``dtype`` (float64 by default); no activation is kept. ``seconds`` is the wall time spent
+    inside the hooks (the cost the statistics add to a pass that runs anyway). :meth:`result` all-reduces under
+    ``torch.distributed`` and returns :class:`InputStats`.
+    """
+
+    def __init__(self, adapter: InfLoRAAdapter, dtype: torch.dtype = torch.float64) -> None:
+        device = adapter.device
+        self.adapter = adapter
+        self.dtype = dtype
+        self.sums = {s.name: torch.zeros(s.dim, s.dim, dtype=dtype, device=device) for s in adapter.sites.values()}
+        self.counts = {s.name: torch.zeros((), dtype=torch.float64, device=device) for s in adapter.sites.values()}
+        self.mask: torch.Tensor | None = None
+        self.seconds = 0.0
+        self._handles: list[Any] = []
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+
+    def _hook(self, site: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            start = time.perf_counter()
+            x = args[0]
+            mask = self.mask
+            if mask is not None:
+                if tuple(x.shape[:-1]) != tuple(mask.shape):
+                    raise ValueError(
+                        f"attention_mask of shape {tuple(mask.shape)} does not match the input of site {site!r} "
+                        f"of shape {tuple(x.shape)}"
+                    )
+                x = x[mask.to(torch.bool)]
+            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            self.sums[site].addmm_(x.T, x)
+            self.counts[site] += x.shape[0]
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            self.seconds += time.perf_counter() - start
+
+        return hook
+
+    def __enter__(self) -> StatsCollector:
+        self._handles = [site.stats_layer.register_forward_pre_hook(self._hook(site.name))
+                         for site in self.adapter.sites.values()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def result(self) -> InputStats:
+        if _distributed():
+            for name in self.sums:
+                dist.all_reduce(self.sums[name])
+                dist.all_reduce(self.counts[name])
+        moments, tokens = {}, {}
+        for name, total in self.sums.items():
+            n = float(self.counts[name])
+            if n == 0:
+                raise ValueError(f"no input reached adapted site {name!r}: is the loader empty, or the model not the "
+                                 "one the adapter is attached to?")
+            moments[name] = (total / n).to(torch.float64)
+            tokens[name] = int(n)
+        return InputStats(moments, tokens)
+
+
 @torch.no_grad()
 def collect_input_stats(
     model: nn.Module,
@@ -46,54 +117,19 @@ def collect_input_stats(
     The model runs in eval mode without gradients and is returned to its previous mode.
     """
     device = adapter.device
-    sums = {s.name: torch.zeros(s.dim, s.dim, dtype=dtype, device=device) for s in adapter.sites.values()}
-    counts = {s.name: torch.zeros((), dtype=torch.float64, device=device) for s in adapter.sites.values()}
-    current_mask: list[torch.Tensor | None] = [None]
-
-    def make_hook(site: str):
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            mask = current_mask[0]
-            if mask is not None:
-                if tuple(x.shape[:-1]) != tuple(mask.shape):
-                    raise ValueError(
-                        f"attention_mask of shape {tuple(mask.shape)} does not match the input of site {site!r} "
-                        f"of shape {tuple(x.shape)}"
-                    )
-                x = x[mask.to(torch.bool)]
-            x = x.reshape(-1, x.shape[-1]).to(dtype)
-            sums[site].addmm_(x.T, x)
-            counts[site] += x.shape[0]
-
-        return hook
-
-    handles = [site.stats_layer.register_forward_pre_hook(make_hook(site.name)) for site in adapter.sites.values()]
     was_training = model.training
     model.eval()
+    collector = StatsCollector(adapter, dtype)
     try:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs, _ = split_batch(batch)
-            inputs = move_to(inputs, device)
-            current_mask[0] = attention_mask_of(inputs)
-            with torch.autocast(device.type, enabled=autocast and device.type == "cuda"):
-                call_model(model, inputs)
+        with collector:
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                inputs, _ = split_batch(batch)
+                inputs = move_to(inputs, device)
+                collector.set_mask(attention_mask_of(inputs))
+                with torch.autocast(device.type, enabled=autocast and device.type == "cuda"):
+                    call_model(model, inputs)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-
-    if _distributed():
-        for name in sums:
-            dist.all_reduce(sums[name])
-            dist.all_reduce(counts[name])
-    moments, tokens = {}, {}
-    for name, total in sums.items():
-        n = float(counts[name])
-        if n == 0:
-            raise ValueError(f"no input reached adapted site {name!r}: is the loader empty, or the model not the "
-                             "one the adapter is attached to?")
-        moments[name] = (total / n).to(torch.float64)
-        tokens[name] = int(n)
-    return InputStats(moments, tokens)
+    return collector.result()

@@ -21,7 +21,7 @@ from .registry import (
     resolve_data_dir,
     user_cache_dir,
 )
-from .scenarios import Scenario, Task, class_incremental, domain_incremental
+from .scenarios import Scenario, Task, class_incremental, domain_incremental, subsample_per_class
 from .transforms import image_transforms
 from .vision import read_idx
 
@@ -44,5 +44,6 @@ __all__ = [
     "read_idx",
     "register_dataset",
     "resolve_data_dir",
+    "subsample_per_class",
     "user_cache_dir",
 ]

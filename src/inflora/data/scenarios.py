@@ -17,7 +17,7 @@ import numpy as np
 
 from .base import ContinualDataset
 
-__all__ = ["Scenario", "Task", "class_incremental", "domain_incremental"]
+__all__ = ["Scenario", "Task", "class_incremental", "domain_incremental", "subsample_per_class"]
 
 
 @dataclass
@@ -73,10 +73,13 @@ class Scenario:
         return [c for task in self.tasks[: t + 1] for c in task.classes]
 
 
-def _subsample(indices: np.ndarray, labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
-    """Keep at most ``max_per_class`` of ``indices`` per label (seeded, independent of task order); sorted."""
+def subsample_per_class(indices: np.ndarray, labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
+    """Keep at most ``max_per_class`` of ``indices`` per label (seeded, independent of task order); sorted.
+    ``labels`` is indexed by the values of ``indices``. The one per-class subsampling of the package."""
+    indices = np.asarray(indices, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
     if max_per_class < 1:
-        raise ValueError(f"max_train_per_class must be >= 1, got {max_per_class}")
+        raise ValueError(f"at most {max_per_class} samples per class: must be >= 1")
     rng = np.random.RandomState(seed)
     keep = []
     for c in np.unique(labels[indices]):
@@ -164,7 +167,7 @@ def class_incremental(
     train_y = np.asarray(dataset.train.labels, dtype=np.int64)
     train_idx = np.arange(len(train_y))
     if max_train_per_class is not None:
-        train_idx = _subsample(train_idx, train_y, int(max_train_per_class), subsample_seed)
+        train_idx = subsample_per_class(train_idx, train_y, int(max_train_per_class), subsample_seed)
     test_y = np.asarray(dataset.test.labels, dtype=np.int64)
     val_y = None if dataset.val is None else np.asarray(dataset.val.labels, dtype=np.int64)
     for name, y in (("train", train_y[train_idx]), ("test", test_y)):
@@ -218,7 +221,7 @@ def domain_incremental(
     ):  # domain-id order: independent of task order
         idx = np.flatnonzero(train_d == d)
         if max_train_per_class is not None and len(idx):
-            idx = _subsample(idx, train_y, int(max_train_per_class), subsample_seed + d)
+            idx = subsample_per_class(idx, train_y, int(max_train_per_class), subsample_seed + d)
         train_by_domain[d] = idx
 
     tasks = []

@@ -1,90 +1,228 @@
-"""The learner interface: what a continual-learning method does around the shared training loop."""
+"""The learner contract: one continual-learning method as a policy the engine drives without knowing which.
+
+A learner owns its training step, its parameter groups, its prediction from raw inputs, its state, its per-task
+diagnostics and its export. The engine calls, for each task ``t``::
+
+    learner.begin_task(ctx)                      # e.g. add a head, design a branch (ctx: TaskContext)
+    groups = learner.parameter_groups(ctx)       # [{"params": [...], "lr": ...}, ...]; the loop builds the optimiser
+    out = learner.training_step(inputs, labels, ctx)   # per batch: StepOutput(loss, logs)
+    learner.end_task(ctx)                        # e.g. grow a memory, merge, feed and re-align the classifier
+    logits = learner.predict(inputs, upto=t)     # evaluation, no task identity
+    learner.diagnostics()                        # into results.json, per task
+
+and checkpoints ``learner.state_dict()`` whole. A method composes an adaptation policy with a classifier
+component (:mod:`inflora.classifiers`), which owns the class layout (class- or domain-incremental).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..backbones import Backbone
 from ..batches import call_model
-from ..config import RunConfig
-from ..heads import TaskHeads
+from ..classifiers import Classifier
+from ..lora import merged_copy
+from ..runtime import Runtime
 
-StatsLoader = Callable[[], Iterable[Any]]
+Batches = Iterable[tuple[Any, torch.Tensor]]
+
+
+@dataclass
+class TaskContext:
+    """What a learner is told about the task at hand.
+
+    ``train_pass(limit, phase)`` and ``feature_pass()`` are factories of no-gradient passes over the task's training
+    data, batches ``(inputs, global labels)`` already on the device: ``train_pass`` with the training transforms
+    (a seeded subsample of ``limit`` samples; ``phase`` names the pass for the fault hook), ``feature_pass`` with
+    the test transforms over every training sample. ``same_inputs`` is True when the two read identical inputs
+    (no random transforms, as for text), so one pass can serve both.
+    """
+
+    index: int
+    num_tasks: int
+    classes: list[int]
+    seed: int
+    runtime: Runtime
+    train_pass: Callable[..., Batches]
+    feature_pass: Callable[[], Batches]
+    same_inputs: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    """A training step's loss (what the loop back-propagates) and named figures to log."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LearnerSetup:
+    """What every learner is built from."""
+
+    backbone: nn.Module
+    classifier: Classifier
+    options: Any
+    train: Any
+    runtime: Runtime
+    num_tasks: int
+    seed: int
 
 
 class Learner:
-    """Base learner: a backbone and per-task heads; trains the current head with local cross-entropy.
+    """Base learner: a frozen backbone and a classifier; trains the classifier's parameters of the task.
 
-    Subclasses say which backbone parameters train (``adapter_parameters``), what happens before and after each
-    task (``begin_task``/``end_task``), whether training sees past data (``replays_past``) and whether the loss
-    covers all seen heads (``global_loss``).
+    Subclasses override what their method changes. ``options_type`` is the dataclass of the method's typed options
+    (the config section named after the method), ``replays_past`` makes the engine train on all tasks so far.
     """
 
     name: ClassVar[str] = "base"
+    options_type: ClassVar[type | None] = None
     replays_past: ClassVar[bool] = False
-    global_loss: ClassVar[bool] = False
 
-    def __init__(self, backbone: Backbone, config: RunConfig, num_tasks: int, device: torch.device,
-                 shared_head: bool = False) -> None:
-        self.backbone = backbone.to(device)
-        self.config = config
-        self.num_tasks = num_tasks
-        self.device = device
-        self.shared_head = shared_head  # domain-incremental: one head over the whole label space
+    def __init__(self, setup: LearnerSetup) -> None:
+        self.setup = setup
+        self.runtime = setup.runtime
+        self.device = setup.runtime.device
+        self.options = setup.options
+        self.num_tasks = setup.num_tasks
+        self.seed = setup.seed
+        self.backbone = setup.backbone.to(self.device)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        self.heads = TaskHeads(backbone.feature_dim, device)
+        self.classifier = setup.classifier.to(self.device)
+        self.in_task = False
+        self.tasks_done = 0
+        self.current_task: int | None = None
+        self.task_diagnostics: dict[str, Any] = {}
+        self._last_groups: list[dict[str, Any]] | None = None
 
-    # ------------------------------------------------------------------------------------------ hooks
-    def begin_task(self, task: int, num_classes: int, stats_loader: StatsLoader) -> dict[str, float]:
-        """Prepare task ``task``: add its head. Returns timings (seconds) of method-specific work."""
-        if not self.shared_head or len(self.heads) == 0:
-            self.heads.add(num_classes)
-        return {}
+    # ------------------------------------------------------------------------------------------ life cycle
+    def begin_task(self, ctx: TaskContext) -> None:
+        """Prepare task ``ctx.index``; the base adds the classifier's head."""
+        self.in_task = True
+        self.current_task = ctx.index
+        self.task_diagnostics = {}
+        self.classifier.begin_task(ctx.index)
 
-    def end_task(self, task: int, stats_loader: StatsLoader) -> dict[str, float]:
-        """Finish task ``task`` (memory updates, merges). Returns timings."""
-        return {}
+    def end_task(self, ctx: TaskContext) -> None:
+        """Finish the task; the base feeds the classifier its features (when it wants them) and lets it finish."""
+        if self.classifier.needs_features:
+            with self.runtime.timer(self.task_diagnostics, "features_s"):
+                self.observe(ctx.feature_pass(), ctx)
+        with self.runtime.timer(self.task_diagnostics, "classifier_s"):
+            self.task_diagnostics.update(self.classifier.end_task(ctx.index, ctx.seed))
+        self.in_task = False
+        self.tasks_done = ctx.index + 1
 
+    @torch.no_grad()
+    def observe(self, batches: Batches, ctx: TaskContext) -> None:
+        """Show the classifier the features of ``batches`` (eval mode, no gradients)."""
+        self.train_mode(False)
+        for inputs, labels in batches:
+            with self.runtime.autocast():
+                features = self.features(inputs)
+            self.classifier.observe(features.float(), labels, ctx.index)
+
+    def training_tasks(self, task: int) -> list[int]:
+        """The tasks whose training data task ``task`` trains on (all so far when ``replays_past``)."""
+        return list(range(task + 1)) if self.replays_past else [task]
+
+    # ------------------------------------------------------------------------------------------ training
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """Backbone-side parameters trained in the current task."""
+        """Backbone-side parameters trained in the current task (none for the base)."""
         return []
 
-    def head_parameters(self, task: int) -> list[nn.Parameter]:
-        """Head parameters trained in task ``task``: the current head (all heads for a global loss)."""
-        if self.shared_head or self.global_loss:
-            return list(self.heads.parameters())
-        return list(self.heads.heads[task].parameters())
+    def parameter_groups(self, ctx: TaskContext) -> list[dict[str, Any]]:
+        """Optimiser parameter groups with their learning rates: the policy's (``train.lr``), then the
+        classifier's (``train.head_lr``, default ``train.lr``)."""
+        train = self.setup.train
+        groups = [{"params": self.classifier.parameters_for(ctx.index, all_seen=self.replays_past),
+                   "lr": train.head_lr or train.lr}]
+        adapter = self.adapter_parameters()
+        if adapter:
+            groups.insert(0, {"params": adapter, "lr": train.lr})
+        return groups
 
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        """Method state beyond backbone weights and heads (e.g. the adapter), as tensors."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`extra_state`."""
-
-    # ------------------------------------------------------------------------------------------ compute
     @property
     def trains_backbone(self) -> bool:
         return bool(self.adapter_parameters())
 
     def features(self, inputs: Any) -> torch.Tensor:
+        """The backbone's pooled features of raw (collated, on-device) inputs."""
         return call_model(self.backbone, inputs)
 
-    def training_loss(self, features: torch.Tensor, labels: torch.Tensor, task: int) -> torch.Tensor:
-        """Cross-entropy: over the current head's logits with labels shifted to it ("local"), or over all seen
-        classes' logits (``train.loss=seen``, the joint learner, a shared domain head). Which heads *train* is
-        :meth:`head_parameters`' business: with ``seen`` the old heads stay frozen."""
-        if self.shared_head or self.global_loss or self.config.train.loss == "seen":
-            return nn.functional.cross_entropy(self.heads(features, upto=task if not self.shared_head else 0),
-                                               labels)
-        offset = self.heads.offsets[task]
-        return nn.functional.cross_entropy(self.heads.task_logits(features, task), labels - offset)
+    def training_step(self, inputs: Any, labels: torch.Tensor, ctx: TaskContext) -> StepOutput:
+        """Loss of one batch (the loop runs backward and the optimiser step)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_backbone):
+            features = self.features(inputs)
+        loss = self.classifier.loss(features.float(), labels, ctx.index, all_seen=self.replays_past)
+        return StepOutput(loss)
 
-    def logits(self, features: torch.Tensor, upto: int) -> torch.Tensor:
-        """Test-time logits over all classes seen after task ``upto`` (no task identity)."""
-        return self.heads(features, upto=0 if self.shared_head else upto)
+    def train_mode(self, mode: bool = True) -> None:
+        """Train (dropout on) or eval mode for every module of the learner."""
+        self.backbone.train(mode)
+        self.classifier.train(mode)
+
+    def modules(self) -> list[nn.Module]:
+        """The modules whose parameters a training step may update (wrapped together for DDP)."""
+        return [self.backbone, self.classifier]
+
+    # ------------------------------------------------------------------------------------------ inference
+    def predict(self, inputs: Any, upto: int) -> torch.Tensor:
+        """Logits over every class seen once task ``upto`` is learnt, from raw inputs (no task identity)."""
+        with self.runtime.autocast():
+            features = self.features(inputs)
+        return self.classifier.logits(features.float(), upto)
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the learner learnt, as CPU tensors (the checkpoint saves it whole)."""
+        state = {f"classifier.{k}": v for k, v in self.classifier.state_tensors().items()}
+        state["learner.tasks_done"] = torch.tensor(self.tasks_done)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` into a freshly built learner."""
+        if self.tasks_done or self.in_task:
+            raise RuntimeError("load_state_dict needs a freshly built learner")
+        self.classifier.load_state_tensors({k[len("classifier."):]: v for k, v in state.items()
+                                            if k.startswith("classifier.")})
+        self.classifier.to(self.device)
+        if "learner.tasks_done" in state:
+            self.tasks_done = int(state["learner.tasks_done"])
+
+    def estimate_state_bytes(self) -> int:
+        """An upper estimate of :meth:`state_dict`'s size at the end of the run (for the free-space check):
+        the heads (float32) and, for classifiers that keep class statistics, their float64 moments."""
+        d, classes = self.classifier.feature_dim, self.classifier.layout.num_classes
+        total = 4 * (d + 1) * classes
+        if self.classifier.needs_features:
+            total += 8 * (d * d + d + 1) * classes
+        return total
+
+    # ------------------------------------------------------------------------------------------ reporting
+    def diagnostics(self) -> dict[str, Any]:
+        """Per-task figures for results.json (called after ``end_task``). ``method_s`` is the seconds of
+        method-specific work (e.g. statistics, design, memory), reported as a share of training time."""
+        trainable = sum(p.numel() for g in self._last_groups for p in g["params"]) if self._last_groups else 0
+        return {"trainable_parameters": int(trainable), **self.task_diagnostics}
+
+    def note_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Called by the training loop with the groups it trained (for the trainable-parameter count)."""
+        self._last_groups = groups
+
+    # ------------------------------------------------------------------------------------------ export
+    def export_parts(self, upto: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        """A plain backbone (every adaptation folded in) and one linear classifier ``(weight, bias)`` computing
+        :meth:`predict` after task ``upto``. Learners that cannot be one plain model raise ``NotImplementedError``
+        with the reason."""
+        if self.in_task:
+            raise RuntimeError("the learner is in the middle of a task: export after the task has ended")
+        weight, bias = self.classifier.export_linear(upto)
+        return merged_copy(self.backbone), weight, bias

@@ -1,0 +1,12 @@
+"""``frozen``: the lower bound, a frozen backbone with only the classifier trained."""
+
+from __future__ import annotations
+
+from . import register_learner
+from .base import Learner
+
+
+@register_learner("frozen")
+class FrozenLearner(Learner):
+    """Lower bound: backbone frozen, classifier only (with ``classifier: aligned``, a strong frozen-feature
+    baseline)."""

@@ -1,0 +1,196 @@
+"""LoRA-family policies on the generic LoRA layer: ``inflora`` (statistics -> design -> memory), ``seqlora``
+(plain LoRA per task, merged, no protection) and ``joint`` (plain LoRA on all data so far, the upper bound)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import InfLoRAAdapter, InfLoRAConfig, StatsCollector, attach, find_sites
+from ..adapter.options import DesignOptions, RankOptions, TargetOptions
+from ..batches import attention_mask_of
+from ..config import opt
+from ..lora import LoRALinear, kaiming_down, wrap_linears
+from ..runtime import Purpose, derive_seed
+from . import register_learner
+from .base import Learner, LearnerSetup, TaskContext
+
+
+def _preset(options: TargetOptions, backbone: nn.Module) -> str | None:
+    return None if options.targets else (options.preset or getattr(backbone, "adapter_preset", None))
+
+
+@dataclass
+class InfLoRAOptions(TargetOptions, DesignOptions):
+    """Options of the ``inflora`` method: where to adapt, how to design and remember, statistics budget."""
+
+    stats_samples: int | None = opt(None, "training samples per task in the design statistics pass (None: all); "
+                                          "the memory pass uses the same subsample unless it is fused with the "
+                                          "classifier's feature pass")
+
+    def validate(self) -> None:
+        TargetOptions.validate(self)
+        DesignOptions.validate(self)
+        if self.stats_samples is not None and self.stats_samples < 1:
+            raise ValueError(f"stats_samples must be >= 1 or null, got {self.stats_samples}")
+
+
+@register_learner("inflora")
+class InfLoRALearner(Learner):
+    """InfLoRA: per task, a down-projection designed from the task's input statistics outside the old tasks'
+    input space (frozen), a trained up-projection; the subspace memory grows after the task; branches merge."""
+
+    options_type = InfLoRAOptions
+
+    def __init__(self, setup: LearnerSetup) -> None:
+        super().__init__(setup)
+        o: InfLoRAOptions = setup.options or InfLoRAOptions()
+        design = {k: getattr(o, k) for k in ("rank", "lamb", "lame", "memory", "energy", "projection", "design")}
+        self.adapter: InfLoRAAdapter = attach(self.backbone, _preset(o, self.backbone), targets=o.targets,
+                                              blocks=o.blocks, config=InfLoRAConfig(**design,
+                                                                                    num_tasks=setup.num_tasks))
+        self.adapter.generator = torch.Generator()
+        self.stats_samples = o.stats_samples
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return self.adapter.trainable_parameters()
+
+    def _collect(self, batches: Any, key: str) -> Any:
+        """Input statistics of ``batches`` (eval mode, no gradients), timed into ``key``."""
+        with self.runtime.timer(self.task_diagnostics, key), torch.no_grad():
+            self.train_mode(False)
+            with StatsCollector(self.adapter) as collector:
+                for inputs, _ in batches:
+                    collector.set_mask(attention_mask_of(inputs))
+                    with self.runtime.autocast():
+                        self.features(inputs)
+            return collector.result()
+
+    def begin_task(self, ctx: TaskContext) -> None:
+        super().begin_task(ctx)
+        assert self.adapter.generator is not None
+        self.adapter.generator.manual_seed(derive_seed(ctx.seed, ctx.index, Purpose.DESIGN))
+        needs_stats = self.adapter.config.design in ("inflora", "new-task")
+        stats = self._collect(ctx.train_pass(self.stats_samples, "design"), "stats_s") if needs_stats else None
+        with self.runtime.timer(self.task_diagnostics, "design_s"):
+            self.adapter.begin_task(stats)
+
+    def end_task(self, ctx: TaskContext) -> None:
+        stats = self._collect(ctx.train_pass(self.stats_samples, "memory"), "stats_s")
+        with self.runtime.timer(self.task_diagnostics, "memory_s"):
+            added = self.adapter.end_task(stats)
+        super().end_task(ctx)
+        d = self.task_diagnostics
+        d["method_s"] = d.get("stats_s", 0.0) + d.get("design_s", 0.0) + d.get("memory_s", 0.0)
+        d["memory_dims"] = {k: list(v) for k, v in self.adapter.memory_dims().items()}
+        d["memory_added"] = added
+        d["short_sites"] = dict(self.adapter.short[-1]) if self.adapter.short else {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**super().state_dict(), **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+
+    def estimate_state_bytes(self) -> int:
+        total, rank = super().estimate_state_bytes(), self.adapter.config.rank
+        for site in self.adapter.sites.values():
+            total += 8 * site.dim * site.dim
+            total += sum(4 * rank * (layer.in_features + layer.adapted_out) for _, layer in site.layers) * \
+                self.num_tasks
+        return total
+
+    def export_parts(self, upto: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        if self.adapter.in_task:
+            raise RuntimeError("the learner is in the middle of a task: export after the task has ended")
+        return super().export_parts(upto)
+
+
+@dataclass
+class LoRAOptions(TargetOptions, RankOptions):
+    """Options of plain LoRA policies: where to adapt and the rank."""
+
+    def validate(self) -> None:
+        TargetOptions.validate(self)
+        RankOptions.validate(self)
+
+
+@register_learner("seqlora")
+class SeqLoRALearner(Learner):
+    """SeqLoRA: plain LoRA on the same layers, a new branch per task (PyTorch's default random D, zero U, both
+    trained), merged after the task; no memory, so nothing protects old tasks."""
+
+    options_type = LoRAOptions
+
+    def __init__(self, setup: LearnerSetup) -> None:
+        super().__init__(setup)
+        o: LoRAOptions = setup.options or LoRAOptions()
+        self.rank = o.rank
+        specs = find_sites(self.backbone, preset=_preset(o, self.backbone), targets=o.targets, blocks=o.blocks)
+        for spec in specs:
+            for name in spec.layers:
+                width = self.backbone.get_submodule(name).in_features
+                if o.rank > width:
+                    raise ValueError(f"rank {o.rank} exceeds the input width {width} of layer {name!r}")
+        wrapped = dict(wrap_linears(self.backbone, [(n, s) for spec in specs
+                                                    for n, s in zip(spec.layers, spec.slices, strict=True)]))
+        self.sites: list[list[LoRALinear]] = [[wrapped[n] for n in spec.layers] for spec in specs]
+        self.generator = torch.Generator()
+
+    def layers(self) -> list[LoRALinear]:
+        return [layer for site in self.sites for layer in site]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        if not self.in_task:
+            return []
+        name = str(self.current_task)
+        return [p for layer in self.layers() for p in (layer.branch(name).down, layer.branch(name).up)]
+
+    def begin_task(self, ctx: TaskContext) -> None:
+        super().begin_task(ctx)
+        self.generator.manual_seed(derive_seed(ctx.seed, ctx.index, Purpose.DESIGN))
+        for site in self.sites:
+            down = kaiming_down(self.rank, site[0].in_features, generator=self.generator)
+            for layer in site:
+                layer.add_branch(str(ctx.index), down, train_down=True)
+
+    def end_task(self, ctx: TaskContext) -> None:
+        for layer in self.layers():
+            layer.merge(str(ctx.index))
+        super().end_task(ctx)
+
+    def estimate_state_bytes(self) -> int:
+        per_task = sum(4 * self.rank * (layer.in_features + layer.adapted_out) for layer in self.layers())
+        return super().estimate_state_bytes() + per_task * self.num_tasks
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        for i, layer in enumerate(self.layers()):
+            for name, branch in layer.merged.items():
+                state[f"lora.layer{i}.{name}.down"] = branch.down.cpu().clone()
+                state[f"lora.layer{i}.{name}.up"] = branch.up.cpu().clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        for i, layer in enumerate(self.layers()):
+            for t in range(self.tasks_done):
+                try:
+                    down, up = state[f"lora.layer{i}.{t}.down"], state[f"lora.layer{i}.{t}.up"]
+                except KeyError as exc:
+                    raise ValueError(f"learner state has no LoRA branch {exc} for task {t}") from None
+                layer.add_branch(str(t), down, up, train_down=False, train_up=False)
+                layer.merge(str(t))
+
+
+@register_learner("joint")
+class JointLearner(SeqLoRALearner):
+    """Upper bound: plain LoRA trained on all data seen so far, cross-entropy over all seen classes, every seen
+    head trained."""
+
+    replays_past = True

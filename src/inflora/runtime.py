@@ -1,0 +1,106 @@
+"""The runtime of a run: device, mixed precision, the one seed function, synchronisation and the process's rank."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import distributed
+
+SEED_MODULUS = 2**63
+
+
+def derive_seed(seed: int, index: int = 0, purpose: int = 0) -> int:
+    """The one way this package derives a seed: from the run seed, an index (a task, an epoch's sample, ...) and
+    a purpose number, ``(seed * 1_000_003 + index * 10_007 + purpose * 101) mod 2**63``. Every random draw of a
+    task is seeded from such a value, so any task can be replayed alone (a resumed run repeats exactly).
+
+    Purposes used by the package: 0 task start (head initialisation, dropout), 1 statistics subsample, 2 statistics
+    pass, 3 classifier alignment, 4 designed or random down-projections, 5 evaluation subsample, ``10 + e`` epoch
+    ``e``'s batch order; a sample's random transform uses ``derive_seed(epoch seed, sample index)``.
+    """
+    return (int(seed) * 1_000_003 + int(index) * 10_007 + int(purpose) * 101) % SEED_MODULUS
+
+
+class Purpose:
+    """Named purpose numbers of :func:`derive_seed`."""
+
+    TASK = 0
+    SUBSAMPLE = 1
+    STATS = 2
+    ALIGN = 3
+    DESIGN = 4
+    EVAL_SUBSAMPLE = 5
+    EPOCH = 10
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a device; under torchrun, ``auto``/``cuda`` mean the local rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N): {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available")
+    if device.type == "cuda" and distributed.is_distributed():
+        if device.index is not None:
+            raise ValueError(f"train.device={name!r} names one GPU; under torchrun use auto or cuda (each rank "
+                             "takes the GPU of its LOCAL_RANK)")
+        rank, count = distributed.local_rank(), torch.cuda.device_count()
+        if rank >= count:
+            raise ValueError(f"train.device={name!r}: this process has LOCAL_RANK {rank} but only {count} GPU(s) are "
+                             "visible; start at most one process per GPU (torchrun --nproc_per_node) or use "
+                             "train.device=cpu")
+        device = torch.device("cuda", rank)
+    return device
+
+
+@dataclass
+class Runtime:
+    """Where and how a run computes: its device, bfloat16 autocast (CUDA only), rank and world size."""
+
+    device: torch.device
+    amp: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def create(cls, device: str = "auto", amp: bool = True) -> Runtime:
+        resolved = resolve_device(device)
+        return cls(resolved, amp=amp and resolved.type == "cuda", rank=distributed.rank(),
+                   world_size=distributed.world_size())
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """bfloat16 autocast when ``amp`` (CUDA only), else a no-op."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (so wall-clock timings are true on CUDA)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def timer(self, into: dict[str, float], key: str) -> Iterator[None]:
+        """Add the synchronised wall time of the block to ``into[key]``."""
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            into[key] = into.get(key, 0.0) + time.perf_counter() - start

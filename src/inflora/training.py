@@ -1,0 +1,98 @@
+"""The training loop of one task: the learner's parameter groups, an optimiser, epochs of the learner's steps."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .batches import batch_size_of, move_to
+from .faults import fault
+from .learners import Learner, TaskContext
+from .runtime import Purpose, derive_seed
+from .taskdata import TaskData
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+    def __init__(self, task: int, epoch: int, step: int, loss: float) -> None:
+        super().__init__(f"loss is {loss} at task {task}, epoch {epoch}, step {step}: training diverged "
+                         "(try a lower learning rate); the last complete task's checkpoint is kept")
+        self.task, self.epoch, self.step = task, epoch, step
+
+
+def reference_cosine(epoch: int, epochs: int) -> float:
+    """The InfLoRA reference's per-epoch factor ``cos(99 * pi * e / (200 * (E - 1)))`` (1 for a single epoch)."""
+    return 1.0 if epochs <= 1 else math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+
+
+def lr_factor(train: Any, epoch: int) -> float:
+    """The learning-rate factor of ``epoch`` under ``train.schedule`` (stepped per epoch)."""
+    if train.schedule == "reference-cosine":
+        return reference_cosine(epoch, train.epochs)
+    if train.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / train.epochs))
+    if train.schedule == "step":
+        return train.gamma ** sum(epoch >= m for m in train.milestones)
+    return 1.0
+
+
+def make_optimizer(train: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    if train.optimizer == "adam":
+        return torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=train.weight_decay)
+    return torch.optim.SGD(groups, momentum=train.momentum, weight_decay=train.weight_decay)
+
+
+def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, progress: bool = False
+               ) -> dict[str, Any]:
+    """Train task ``ctx.index`` for ``train.epochs``: the learner's groups, its steps on seeded batches of the
+    tasks it trains on. Returns the seconds spent and the last step's logged figures."""
+    task, runtime = ctx.index, ctx.runtime
+    groups = learner.parameter_groups(ctx)
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    learner.note_groups(groups)
+    optimiser = make_optimizer(train, groups)
+    indices = data.train_indices(learner.training_tasks(task))
+    step_module = distributed.wrap_ddp(distributed.TaskStep(learner, ctx), runtime.device)
+    learner.train_mode(True)
+    runtime.sync()
+    start = time.perf_counter()
+    for epoch in range(train.epochs):
+        for g in optimiser.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(train, epoch)
+        epoch_seed = derive_seed(ctx.seed, task, Purpose.EPOCH + epoch)
+        loader = data.epoch_loader(indices, train.batch_size, epoch_seed)
+        weights = loader.batch_sampler.weights()  # type: ignore[union-attr]
+        bar = tqdm(loader, desc=f"task {task + 1}/{ctx.num_tasks} epoch {epoch + 1}/{train.epochs}",
+                   disable=not progress, leave=False)
+        seen, epoch_start = 0, time.perf_counter()
+        for step, (inputs, labels) in enumerate(bar):
+            inputs, labels = move_to(inputs, runtime.device), labels.to(runtime.device)
+            with runtime.autocast():
+                loss = step_module(inputs, labels, weights[step])
+            if fault("train", task=task, epoch=epoch, step=step) == "nan":
+                loss = loss * float("nan")
+            value = float(loss.detach())
+            if runtime.world_size > 1:  # the global batch's mean loss, so every rank stops together
+                value = float(distributed.all_reduce_sum(loss.detach().double().reshape(1))) / runtime.world_size
+            if not math.isfinite(value):
+                raise TrainingDiverged(task, epoch, step, value)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            seen += batch_size_of(inputs)
+            bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{seen / (time.perf_counter() - epoch_start):.0f}")
+    for p in params:
+        p.requires_grad_(False)
+    runtime.sync()
+    logs = {k: float(v) for k, v in getattr(step_module, "module", step_module).last_logs.items()}
+    return {"train_s": time.perf_counter() - start, "logs": logs}
