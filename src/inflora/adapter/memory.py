@@ -1,6 +1,16 @@
 """Subspace memory of old tasks' input spaces (GPM / DualGPM), one per adapted site.
 
 Implements section 4 of the method specification. All linear algebra runs in float64 on the tensors' device.
+
+Two energy rules (``energy=``):
+
+* ``"faithful"`` (default, the reference implementation): energies are ``S**2`` of the second moment ``C``, and
+  the old space is removed on the left only, ``(I - M M^T) C`` (basis mode) or ``Q Q^T C`` (complement mode).
+* ``"gpm"`` (the paper / classic GPM of Saha et al. 2021, and DualGPM): energies are ``S`` of ``C = H H^T / N``,
+  i.e. ``S(H)**2 / N``, and the old space is removed on both sides, ``P C P`` with ``P = I - M M^T`` (basis mode)
+  or ``P = Q Q^T`` (complement mode). ``P C P = (P H)(P H)^T / N``, so its singular values are ``S(P H)**2 / N``
+  and its left singular vectors are those of ``P H``: the update equals classic GPM run on the inputs ``H``.
+  (The one-sided ``P C`` has neither property, so using it here would not be classic GPM after the first task.)
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ def threshold(task: int, num_tasks: int | None, lamb: float, lame: float) -> flo
 def energies(singular_values: torch.Tensor, energy: Energy) -> torch.Tensor:
     """Energy of each direction: ``S**2`` of the second moment (faithful to the reference) or ``S`` ("gpm").
 
-    The second moment's singular values are the squared singular values of the input matrix, so ``"gpm"``
-    equals the classic GPM energy (squared singular values of the inputs).
+    The singular values of a second moment ``C = H H^T / N`` are ``S(H)**2 / N``, so ``"gpm"`` is the classic GPM
+    energy (squared singular values of the inputs), provided the projected moment is the two-sided ``P C P``
+    (see :meth:`SubspaceMemory.update`).
     """
     if energy == "faithful":
         return singular_values**2
@@ -85,9 +96,34 @@ class SubspaceMemory:
         proj = self.basis @ (self.basis.T @ matrix)
         return matrix - proj if self.mode == "basis" else proj
 
+    def remove_old_two_sided(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Project the old space out of both sides of ``matrix``: ``P C P`` with ``P`` the projector onto the
+        complement of the old space (``I - M M^T`` in basis mode, ``Q Q^T`` in complement mode).
+
+        For ``C = H H^T / N``, ``P C P = (P H)(P H)^T / N``: singular values ``S(P H)**2 / N``, left singular
+        vectors those of ``P H``.
+        """
+        matrix = matrix.to(self.basis)
+        if self.is_empty:
+            return matrix.clone()
+        b = self.basis
+        if self.mode == "basis":
+            left = matrix - b @ (b.T @ matrix)
+            return left - (left @ b) @ b.T
+        return b @ ((b.T @ matrix @ b) @ b.T)
+
+    def _project(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The projected moment the update measures: one-sided (``"faithful"``) or two-sided (``"gpm"``)."""
+        return self.remove_old(matrix) if self.energy == "faithful" else self.remove_old_two_sided(matrix)
+
     # ----------------------------------------------------------------------------------------------- update
     def update(self, moment: torch.Tensor, eps: float) -> int:
         """Grow the memory with the new task's second moment ``moment`` at threshold ``eps``.
+
+        The projected moment whose spectrum decides how many directions are added is ``(I - M M^T) C`` /
+        ``Q Q^T C`` (one-sided) with ``energy="faithful"``, as the reference does, and ``P C P`` /
+        ``Q Q^T C Q Q^T`` (two-sided) with ``energy="gpm"``, which makes the update classic GPM (DualGPM in
+        complement mode) on the inputs ``H`` of which ``C = H H^T / N`` is the second moment.
 
         Returns the number of directions added to the old space (0 when nothing changed).
         """
@@ -117,7 +153,7 @@ class SubspaceMemory:
         return added
 
     def _update_basis(self, c: torch.Tensor, total: float, eps: float) -> int:
-        u, s, _ = torch.linalg.svd(self.remove_old(c))
+        u, s, _ = torch.linalg.svd(self._project(c))
         e = energies(s, self.energy)
         acc = (total - float(e.sum())) / total
         r = 0
@@ -132,7 +168,7 @@ class SubspaceMemory:
         return r
 
     def _update_complement(self, c: torch.Tensor, total: float, eps: float) -> int:
-        u, s, _ = torch.linalg.svd(self.remove_old(c))
+        u, s, _ = torch.linalg.svd(self._project(c))
         e = energies(s, self.energy)
         acc = float(e.sum()) / total
         r = 0
