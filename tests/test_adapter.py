@@ -178,8 +178,7 @@ def test_fused_qkv_branch_leaves_query_untouched(vit: nn.Module) -> None:
     layer = next(iter(adapter.layers().values()))
     x = torch.randn(5, layer.in_features)
     base = layer.base(x)
-    adapter.begin_task(None) if False else None
-    layer.add_branch(0, torch.randn(3, layer.in_features))
+    layer.add_branch("0", torch.randn(3, layer.in_features))
     with torch.no_grad():
         layer.branch(0).up.normal_()
     out = layer(x)

@@ -26,6 +26,7 @@ from inflora.data import (
     read_idx,
     resolve_data_dir,
 )
+from inflora.data import fashion as fashion_mod
 from inflora.data import text as text_mod
 from inflora.data import vision as vision_mod
 
@@ -328,14 +329,14 @@ def test_fashion_mnist_incomplete_or_absent(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match=r"incomplete: missing t10k-labels"):
         load_dataset("fashion-mnist", tmp_path)
-    monkeypatch.setattr(vision_mod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(fashion_mod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
     with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist") as e:
         load_dataset("fashion-mnist", tmp_path / "empty")
     assert str(tmp_path / "empty" / "fashion-mnist") in str(e.value)
 
 
 @pytest.mark.skipif(
-    not vision_mod.FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed"
+    not fashion_mod.FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed"
 )
 def test_fashion_mnist_debian_package(tmp_path: Path) -> None:
     ds = load_dataset("fashion-mnist", tmp_path)

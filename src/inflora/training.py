@@ -27,7 +27,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def reference_cosine(epoch: int, epochs: int) -> float:
-    """The InfLoRA reference's per-epoch factor ``cos(99 * pi * e / (200 * (E - 1)))`` (1 for a single epoch)."""
+    """The reference implementation's per-epoch factor ``cos(99 * pi * e / (200 * (E - 1)))`` (1 for a single epoch)."""
     return 1.0 if epochs <= 1 else math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
 
 

@@ -3,7 +3,7 @@
 Importing this package registers the built-in datasets (see :func:`list_datasets`).
 """
 
-from . import text, vision  # noqa: F401  (register the built-in datasets)
+from . import fashion, text, vision  # noqa: F401  (register the built-in datasets)
 from .base import (
     ContinualDataset,
     DataError,
@@ -13,6 +13,7 @@ from .base import (
     SubsetSplit,
     TransformedSplit,
 )
+from .fashion import read_idx
 from .registry import (
     DATASETS,
     list_datasets,
@@ -23,7 +24,6 @@ from .registry import (
 )
 from .scenarios import Scenario, Task, class_incremental, domain_incremental, subsample_per_class
 from .transforms import image_transforms
-from .vision import read_idx
 
 __all__ = [
     "DATASETS",

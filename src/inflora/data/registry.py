@@ -41,7 +41,7 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {}
 
-_BUILTIN_MODULES = ("inflora.data.text", "inflora.data.vision")
+_BUILTIN_MODULES = ("inflora.data.text", "inflora.data.vision", "inflora.data.fashion")
 
 
 def register_dataset(name: str, description: str) -> Callable[[Builder], Builder]:
