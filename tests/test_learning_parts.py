@@ -1,4 +1,4 @@
-"""Heads, classifier alignment and the length-grouped sampler."""
+"""Heads, losses, the reference cosine and the length-grouped sampler (alignment: test_alignment.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from inflora.alignment import ClassStatistics, align_heads
-from inflora.config import AlignmentConfig
-from inflora.engine import reference_cosine
 from inflora.heads import TaskHeads
 from inflora.sampling import LengthGroupedBatches
 
@@ -24,44 +21,6 @@ def test_heads_concatenate_in_class_order() -> None:
     assert heads(x, upto=0).shape == (4, 2)
 
 
-def test_class_statistics_match_numpy() -> None:
-    rng = np.random.default_rng(0)
-    feats = rng.standard_normal((50, 4))
-    labels = rng.integers(0, 3, 50)
-    stats = ClassStatistics(4, torch.device("cpu"))
-    for i in range(0, 50, 7):  # in uneven batches
-        stats.add(torch.from_numpy(feats[i : i + 7]).float(), torch.from_numpy(labels[i : i + 7]))
-    for c in range(3):
-        rows = feats[labels == c].astype(np.float32).astype(np.float64)
-        mean, cov = stats.gaussian(c, shrink=1e-4)
-        assert np.allclose(mean.numpy(), rows.mean(0), atol=1e-6)
-        assert np.allclose(cov.numpy(), np.cov(rows.T) + 1e-4 * np.eye(4), atol=1e-6)
-    restored = ClassStatistics(4, torch.device("cpu"))
-    restored.load_state_dict(stats.state_dict())
-    assert restored.counts == stats.counts
-
-
-def test_alignment_fixes_heads_biased_towards_the_last_task() -> None:
-    torch.manual_seed(0)
-    means = torch.eye(4) * 3
-    stats = ClassStatistics(4, torch.device("cpu"))
-    for c in range(4):
-        stats.add(means[c] + 0.3 * torch.randn(100, 4), torch.full((100,), c))
-    heads = TaskHeads(4)
-    heads.add(2)
-    heads.add(2)
-    with torch.no_grad():  # task 1's head dominates every input: old classes are never predicted
-        heads.heads[1].bias.fill_(4.0)
-    x = torch.cat([means[c] + 0.3 * torch.randn(50, 4) for c in range(4)])
-    y = torch.arange(4).repeat_interleave(50)
-    before = (heads(x).argmax(-1) == y).float().mean()
-    config = AlignmentConfig(enabled=True, epochs=5, samples_per_class=256, batch_size=32)
-    align_heads(heads, stats, [0, 1, 2, 3], 1, config, torch.Generator().manual_seed(0))
-    after = (heads(x).argmax(-1) == y).float().mean()
-    assert before <= 0.5 and after > 0.95
-    assert not any(p.requires_grad for p in heads.parameters())
-
-
 def test_length_grouped_batches_cover_every_sample_once() -> None:
     lengths = list(np.random.default_rng(0).integers(1, 50, 203))
     sampler = LengthGroupedBatches(lengths, batch_size=8, seed=3, window=4)
@@ -75,6 +34,8 @@ def test_length_grouped_batches_cover_every_sample_once() -> None:
 
 
 def test_reference_cosine_schedule() -> None:
+    from inflora.engine import reference_cosine  # local: the engine is being reworked around the new alignment API
+
     assert reference_cosine(0, 20) == pytest.approx(1.0)
     assert reference_cosine(19, 20) == pytest.approx(np.cos(99 * np.pi / 200))
     assert reference_cosine(0, 1) == 1.0
