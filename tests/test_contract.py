@@ -13,6 +13,7 @@ from PIL import Image
 
 import inflora
 from conftest import TINY_VIT_OVERRIDES, for_method, make_image_folder
+from inflora.classifiers import ClassLayout
 from inflora.config import ConfigError, load_config, opt
 from inflora.engine import Experiment
 from inflora.learners import LEARNERS, Learner, StepOutput, TaskContext, register_learner
@@ -321,3 +322,69 @@ def test_fewer_free_directions_than_rank_warns_once_and_is_recorded(caplog: pyte
     assert rows[0] == 6 and min(rows) < 6  # the 16-d input space fills up
     assert sum("fewer than rank" in r.message for r in caplog.records) == 1
     assert any(adapter.short)
+
+
+# ------------------------------------------------------------------------------------------ the fused text pass
+def _text_learner(tasks: int = 2):
+    from conftest import tiny_bert
+    from inflora.backbones import HFTextBackbone
+    from inflora.classifiers.aligned import AlignedHeads, AlignedOptions
+    from inflora.config import TrainConfig
+    from inflora.learners import LearnerSetup
+    from inflora.learners.lora import InfLoRALearner, InfLoRAOptions
+    from inflora.runtime import Runtime
+
+    backbone = HFTextBackbone.from_model(tiny_bert(), tokenizer=None)
+    layout = ClassLayout.create("class", [2] * tasks)
+    classifier = AlignedHeads(backbone.feature_dim, layout, AlignedOptions(epochs=1, samples_per_class=8),
+                              torch.device("cpu"))
+    setup = LearnerSetup(backbone, classifier, InfLoRAOptions(rank=2, energy="gpm", lamb=0.9), TrainConfig(),
+                         Runtime(torch.device("cpu")), tasks, 0)
+    return InfLoRALearner(setup)
+
+
+def _text_batches(seed: int) -> list[tuple[dict, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(3):
+        ids = torch.randint(1, 60, (4, 7), generator=gen)
+        mask = torch.ones(4, 7, dtype=torch.long)
+        mask[:2, 5:] = 0  # padding
+        out.append(({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 2, (4,), generator=gen)))
+    return out
+
+
+def test_text_memory_pass_is_fused_with_the_classifier_pass() -> None:
+    """With no transforms (text) one pass feeds the memory and the class statistics; the result equals the two
+    separate passes over the same samples."""
+    from inflora.alignment import ClassStatistics
+
+    calls = {"feature": 0, "train": 0}
+    batches = _text_batches(0)
+
+    def feature_pass():
+        calls["feature"] += 1
+        return iter(batches)
+
+    def train_pass(limit=None, phase="design"):
+        calls["train"] += 1
+        return iter(batches)
+
+    memories, stats = [], []
+    for same_inputs in (True, False):
+        learner = _text_learner()
+        ctx = TaskContext(0, 2, [0, 1], 0, learner.runtime, train_pass, feature_pass, same_inputs=same_inputs)
+        calls.update(feature=0, train=0)
+        learner.begin_task(ctx)
+        learner.end_task(ctx)
+        assert calls == ({"feature": 1, "train": 1} if same_inputs else {"feature": 1, "train": 2})
+        assert learner.diagnostics()["memory_pass"].startswith("fused" if same_inputs else "separate")
+        memories.append({n: learner.adapter.old_space(n) for n in learner.adapter.sites})
+        s: ClassStatistics = learner.classifier.stats
+        stats.append({c: (s.counts[c], s.sums[c]) for c in s.counts})
+    for name, basis in memories[0].items():
+        other = memories[1][name]
+        assert basis.shape == other.shape and torch.allclose(basis @ basis.T, other @ other.T, atol=1e-8)
+    assert stats[0].keys() == stats[1].keys()
+    for c, (count, total) in stats[0].items():
+        assert count == stats[1][c][0] and torch.allclose(total, stats[1][c][1])

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..alignment import ClassStatistics, align_heads
+from ..alignment import ClassStatistics, align_linear
 from ..config import opt
 from ..runtime import Purpose, derive_seed
 from . import register_classifier
@@ -28,9 +28,11 @@ class AlignedOptions(LinearOptions):
     momentum: float = opt(0.9, "alignment SGD momentum")
     weight_decay: float = opt(5e-4, "alignment weight decay")
     samples_per_class: int = opt(256, "samples drawn per seen class each epoch")
-    batch_size: int = opt(128, "alignment batch size")
+    batch_size: int = opt(256, "alignment batch size")
     shrink: float = opt(1e-4, "added to the covariance diagonal")
-    logit_norm: float | None = opt(None, "logit normalisation temperature (0.1 on ImageNet-R; None: off)")
+    logit_norm: float | None = opt(None, "logit normalisation temperature (0.1 on ImageNet-R and DomainNet; None: off)")
+    mean_scale: bool = opt(True, "sample around s_c * mean_c with s_c = 0.9 + 0.1 (t_c + 1) / (t + 1), as the "
+                                 "reference (t_c: the last task that gave class c data)")
 
     def validate(self) -> None:
         for key in ("epochs", "samples_per_class", "batch_size"):
@@ -60,11 +62,11 @@ class AlignedHeads(LinearHeads):
         if distributed.world_size() > 1:  # this rank's share; summed over ranks in end_task
             if self._shard is None:
                 self._shard = ClassStatistics(self.feature_dim, self.device)
-            self._shard.add(features, labels)
+            self._shard.add(features, labels, task)
         else:
-            self.stats.add(features, labels)
+            self.stats.add(features, labels, task)
 
-    def _reduce_shard(self, classes: list[int]) -> None:
+    def _reduce_shard(self, classes: list[int], task: int) -> None:
         """Sum every rank's statistics of ``classes`` into ``self.stats``."""
         shard = self._shard or ClassStatistics(self.feature_dim, self.device)
         self._shard = None
@@ -76,30 +78,25 @@ class AlignedHeads(LinearHeads):
                 row[1 : 1 + d] = shard.sums[c]
                 row[1 + d :] = shard.outer[c].flatten()
         distributed.all_reduce_sum(packed)
-        total = self.stats
         for row, c in zip(packed, classes, strict=True):
-            if row[0] == 0:
-                continue
-            if c not in total.counts:
-                total.sums[c] = torch.zeros(d, dtype=torch.float64, device=total.device)
-                total.outer[c] = torch.zeros(d, d, dtype=torch.float64, device=total.device)
-                total.counts[c] = 0
-            total.sums[c] += row[1 : 1 + d].to(total.device)
-            total.outer[c] += row[1 + d :].reshape(d, d).to(total.device)
-            total.counts[c] += int(row[0])
+            if row[0] > 0:
+                self.stats.add_moments(c, int(row[0]), row[1 : 1 + d], row[1 + d :].reshape(d, d), task)
 
     def end_task(self, task: int, seed: int) -> dict[str, Any]:
         start = time.perf_counter()
         layout = self.layout
         if distributed.world_size() > 1:
             first = layout.offset(task)
-            self._reduce_shard(list(range(first, first + layout.task_sizes[task])))
+            self._reduce_shard(list(range(first, first + layout.task_sizes[task])), task)
         if task == 0 and layout.kind == "class":
             return {}
         classes = [c for c in range(layout.seen(task)) if c in self.stats.counts]
         generator = torch.Generator().manual_seed(derive_seed(seed, task, Purpose.ALIGN))
-        align_heads(self, self.stats, classes, 0 if layout.kind == "domain" else task, self.options, generator)
-        return {"align_sgd_s": time.perf_counter() - start}
+        weight, bias = self.stacked(task)
+        weight, bias, loss = align_linear(weight, bias, layout.groups(task), self.stats, classes, task,
+                                          self.options, generator)
+        self.write_stacked(weight, bias, task)
+        return {"align_s": time.perf_counter() - start, "align_loss": loss}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = super().state_tensors()

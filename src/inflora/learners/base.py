@@ -112,7 +112,12 @@ class Learner:
 
     def end_task(self, ctx: TaskContext) -> None:
         """Finish the task; the base feeds the classifier its features (when it wants them) and lets it finish."""
-        if self.classifier.needs_features:
+        self.finish_task(ctx)
+
+    def finish_task(self, ctx: TaskContext, observed: bool = False) -> None:
+        """The classifier's end of the task: one feature pass for it (unless the learner already fed it the
+        task's features, ``observed``), then its ``end_task``."""
+        if self.classifier.needs_features and not observed:
             with self.runtime.timer(self.task_diagnostics, "features_s"):
                 self.observe(ctx.feature_pass(), ctx)
         with self.runtime.timer(self.task_diagnostics, "classifier_s"):

@@ -78,16 +78,35 @@ class InfLoRALearner(Learner):
         with self.runtime.timer(self.task_diagnostics, "design_s"):
             self.adapter.begin_task(stats)
 
+    @torch.no_grad()
+    def _fused_pass(self, ctx: TaskContext) -> Any:
+        """One pass over all of the task's training samples that feeds both the classifier (features) and the
+        memory (input statistics); only the hooks' time counts as InfLoRA's."""
+        self.train_mode(False)
+        with self.runtime.timer(self.task_diagnostics, "features_s"), StatsCollector(self.adapter) as collector:
+            for inputs, labels in ctx.feature_pass():
+                collector.set_mask(attention_mask_of(inputs))
+                with self.runtime.autocast():
+                    features = self.features(inputs)
+                self.classifier.observe(features.float(), labels, ctx.index)
+        self.task_diagnostics["stats_s"] = self.task_diagnostics.get("stats_s", 0.0) + collector.seconds
+        return collector.result()
+
     def end_task(self, ctx: TaskContext) -> None:
-        stats = self._collect(ctx.train_pass(self.stats_samples, "memory"), "stats_s")
+        fused = self.classifier.needs_features and ctx.same_inputs
+        if fused:  # text: the memory pass and the classifier's feature pass read the same samples
+            stats = self._fused_pass(ctx)
+        else:
+            stats = self._collect(ctx.train_pass(self.stats_samples, "memory"), "stats_s")
         with self.runtime.timer(self.task_diagnostics, "memory_s"):
             added = self.adapter.end_task(stats)
-        super().end_task(ctx)
+        self.finish_task(ctx, observed=fused)
         d = self.task_diagnostics
         d["method_s"] = d.get("stats_s", 0.0) + d.get("design_s", 0.0) + d.get("memory_s", 0.0)
         d["memory_dims"] = {k: list(v) for k, v in self.adapter.memory_dims().items()}
         d["memory_added"] = added
         d["short_sites"] = dict(self.adapter.short[-1]) if self.adapter.short else {}
+        d["memory_pass"] = "fused with the classifier's feature pass" if fused else "separate"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**super().state_dict(), **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}}
