@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import make_image_folder
 from inflora import checkpoint as ckpt
+from inflora import faults
 from inflora.cli import main
 from inflora.config import load_config
 
@@ -71,7 +72,7 @@ def same_state(out: Path, reference: Path) -> None:
 
 def run_killed(args: list[str], fault: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a subprocess that ends abruptly (os._exit) at ``fault``."""
-    env = {**os.environ, ckpt.FAULT_ENV: fault, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, faults.FAULT_ENV: fault, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "inflora", *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
@@ -129,25 +130,25 @@ def test_resume_of_a_finished_run_changes_nothing(reference: Reference, tmp_path
 
 # ------------------------------------------------------------------------------------------------ faults
 def test_fault_spec_matching(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ckpt.fault("train", task=1, step=3) is None
-    monkeypatch.setenv(ckpt.FAULT_ENV, "train:task=1:step=3:nan,stats:task=0:raise")
-    assert ckpt.fault("train", task=1, epoch=0, step=3) == "nan"
-    assert ckpt.fault("train", task=1, epoch=0, step=2) is None
-    assert ckpt.fault("checkpoint", task=1) is None
-    with pytest.raises(ckpt.InjectedFault):
-        ckpt.fault("stats", task=0, phase="memory", batch=0)
-    monkeypatch.setenv(ckpt.FAULT_ENV, "train:rank=1:raise")
-    assert ckpt.fault("train", task=0) is None  # a single process is rank 0
+    assert faults.fault("train", task=1, step=3) is None
+    monkeypatch.setenv(faults.FAULT_ENV, "train:task=1:step=3:nan,stats:task=0:raise")
+    assert faults.fault("train", task=1, epoch=0, step=3) == "nan"
+    assert faults.fault("train", task=1, epoch=0, step=2) is None
+    assert faults.fault("checkpoint", task=1) is None
+    with pytest.raises(faults.InjectedFault):
+        faults.fault("stats", task=0, phase="memory", batch=0)
+    monkeypatch.setenv(faults.FAULT_ENV, "train:rank=1:raise")
+    assert faults.fault("train", task=0) is None  # a single process is rank 0
 
 
 def test_resume_after_fault_in_training_in_process(reference: Reference, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
-    monkeypatch.setenv(ckpt.FAULT_ENV, "train:task=2:epoch=1:step=0:raise")
-    with pytest.raises(ckpt.InjectedFault):
+    monkeypatch.setenv(faults.FAULT_ENV, "train:task=2:epoch=1:step=0:raise")
+    with pytest.raises(faults.InjectedFault):
         main([*run_args(reference.images), "--out", str(out)])
     assert latest(out) == "task_002" and not (out / "results.json").exists()
-    monkeypatch.delenv(ckpt.FAULT_ENV)
+    monkeypatch.delenv(faults.FAULT_ENV)
     assert main([*run_args(reference.images, "train.progress=true", "train.num_workers=0"), "--out", str(out),
                  "--resume"]) == 0  # cosmetic keys may differ
     same_results(results_of(out), reference.results)
@@ -158,11 +159,11 @@ def test_resume_after_fault_in_training_in_process(reference: Reference, tmp_pat
 def test_resume_without_checkpoint_starts_from_scratch(reference: Reference, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
-    monkeypatch.setenv(ckpt.FAULT_ENV, "stats:task=0:phase=design:batch=0:raise")
-    with pytest.raises(ckpt.InjectedFault):
+    monkeypatch.setenv(faults.FAULT_ENV, "stats:task=0:phase=design:batch=0:raise")
+    with pytest.raises(faults.InjectedFault):
         main([*run_args(reference.images), "--out", str(out)])
     assert not (out / "checkpoints" / "latest").exists()
-    monkeypatch.delenv(ckpt.FAULT_ENV)
+    monkeypatch.delenv(faults.FAULT_ENV)
     assert main([*run_args(reference.images), "--out", str(out), "--resume"]) == 0
     same_results(results_of(out), reference.results)
     assert "no checkpoint" in (out / "run.log").read_text()
@@ -178,7 +179,7 @@ def test_resume_without_checkpoint_starts_from_scratch(reference: Reference, tmp
 def test_resume_after_kill(reference: Reference, tmp_path: Path, fault: str, expected_latest: str) -> None:
     out = tmp_path / "run"
     killed = run_killed([*run_args(reference.images), "--out", str(out)], fault, tmp_path)
-    assert killed.returncode == ckpt.FAULT_EXIT_CODE, killed.stderr
+    assert killed.returncode == faults.FAULT_EXIT_CODE, killed.stderr
     assert latest(out) == expected_latest and not (out / "results.json").exists()
     assert main([*run_args(reference.images), "--out", str(out), "--resume"]) == 0
     same_results(results_of(out), reference.results)
@@ -273,8 +274,31 @@ def test_diverged_loss_is_reported_and_last_checkpoint_kept(reference: Reference
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    monkeypatch.setenv(ckpt.FAULT_ENV, "train:task=1:epoch=1:step=2:nan")
+    monkeypatch.setenv(faults.FAULT_ENV, "train:task=1:epoch=1:step=2:nan")
     assert main([*run_args(reference.images), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "loss is nan at task 1, epoch 1, step 2" in err and "Traceback" not in err
     assert latest(out) == "task_001"
+
+
+def test_multi_seed_run_resumes_and_summarises(reference: Reference, tmp_path: Path) -> None:
+    """A two-seed run killed in the second seed resumes: the first seed is kept (not retrained), the second
+    continues from its checkpoint, and summary.json holds the mean and sample std of both seeds' numbers."""
+    out = tmp_path / "seeds"
+    args = [*run_args(reference.images, "scenario.num_tasks=3", "train.epochs=1"), "--seeds", "0,1", "--out",
+            str(out)]
+    killed = run_killed(args, "train:task=1:epoch=0:step=1", tmp_path)
+    assert killed.returncode == faults.FAULT_EXIT_CODE, killed.stderr
+    seed0 = results_of(out / "seed_0")
+    assert not (out / "seed_1" / "results.json").exists() and latest(out / "seed_1") == "task_001"
+    assert main([*args, "--resume"]) == 0
+    assert results_of(out / "seed_0") == seed0  # finished seed untouched
+    seed1 = results_of(out / "seed_1")
+    assert "resumed from" in (out / "seed_1" / "run.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    finals = [seed0["final_accuracy"], seed1["final_accuracy"]]
+    mean = sum(finals) / 2
+    std = (sum((f - mean) ** 2 for f in finals) / 1) ** 0.5
+    assert summary["seeds"] == [0, 1] and summary["final_accuracy"]["values"] == finals
+    assert summary["final_accuracy"]["mean"] == pytest.approx(mean) and summary["final_accuracy"]["std"] == \
+        pytest.approx(std)

@@ -128,18 +128,18 @@ def test_gpu_every_learner_runs(images: Path, method: str) -> None:
 
 def test_gpu_run_interrupted_resumes_on_the_cpu(images: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from inflora import checkpoint as ckpt
+    from inflora import faults
     from inflora.cli import main
 
     out = tmp_path / "run"
     sets = [*TINY_VIT_OVERRIDES, f"data.options={{root: {images}}}", "scenario.num_tasks=2",
             "scenario.order=natural", "train.epochs=1", "train.amp=false"]
     args = ["run", "clinc150", "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]
-    monkeypatch.setenv(ckpt.FAULT_ENV, "train:task=1:epoch=0:step=0:raise")
-    with pytest.raises(ckpt.InjectedFault):
+    monkeypatch.setenv(faults.FAULT_ENV, "train:task=1:epoch=0:step=0:raise")
+    with pytest.raises(faults.InjectedFault):
         main([*args, "--set", "train.device=cuda"])
     assert (out / "checkpoints" / "latest").exists() and not (out / "results.json").exists()
-    monkeypatch.delenv(ckpt.FAULT_ENV)
+    monkeypatch.delenv(faults.FAULT_ENV)
     assert main([*args, "--set", "train.device=cpu", "--resume"]) == 0  # the GPU checkpoint loads on the CPU
     results = json.loads((out / "results.json").read_text())
     assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]

@@ -36,7 +36,7 @@ from safetensors.torch import save as save_tensors
 
 from . import distributed
 from .config import ConfigError, RunConfig, to_dict
-from .faults import FAULT_ENV, InjectedFault, fault  # noqa: F401  (re-exported for the tests)
+from .faults import fault
 from .results import RunState, atomic_write_text
 
 log = logging.getLogger("inflora")

@@ -1,0 +1,94 @@
+"""Wall time of ``inflora run`` for an older commit against the working tree, same machine, same command, one run.
+
+    python benchmarks/run_speed.py --base 4f0fd22 [--preset clinc150] [--data-dir ../shared/data] [--set k=v ...]
+
+The base commit is checked out into a temporary git worktree and run from its ``src`` (PYTHONPATH), so both sides use
+the installed dependencies. Each side runs ``inflora run PRESET --quiet`` in a fresh output folder, one after the
+other (``--order`` alternates them when ``--repeats`` > 1). Printed per side: wall seconds, training seconds, the
+method-specific share of training (InfLoRA: statistics + design + memory), final accuracy; then the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def method_seconds(results: dict[str, Any]) -> float:
+    """Method-specific seconds of a run: ``diagnostics[*].method_s`` (new format) or the old timings' statistics,
+    design and memory seconds."""
+    if "diagnostics" in results:
+        return sum(d.get("method_s", 0.0) for d in results["diagnostics"])
+    return sum(t.get("stats_s", 0.0) + t.get("design_s", 0.0) + t.get("memory_s", 0.0) for t in results["timings"])
+
+
+def run_side(src: Path, preset: str, data_dir: str | None, sets: list[str], out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "inflora", "run", preset, "--quiet", "--out", str(out)]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{src}: inflora run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    results = json.loads((out / "results.json").read_text())
+    train = sum(t["train_s"] for t in results["timings"])
+    return {"wall_s": wall, "train_s": train, "method_s": method_seconds(results),
+            "method_share": method_seconds(results) / train if train else 0.0,
+            "final_accuracy": results["final_accuracy"], "accuracy_matrix": results["accuracy_matrix"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="git revision to compare against (e.g. a commit hash)")
+    parser.add_argument("--preset", default="clinc150")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--set", action="append", default=[], help="override for both sides")
+    parser.add_argument("--base-set", action="append", default=[], help="override for the base side only "
+                        "(e.g. its old key names)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--json", help="also write the measurements here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="inflora-speed-") as tmp:
+        tree = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.base], check=True,
+                       capture_output=True)
+        try:
+            rows: dict[str, list[dict[str, Any]]] = {"base": [], "new": []}
+            for r in range(args.repeats):
+                order = ["base", "new"] if r % 2 == 0 else ["new", "base"]
+                for side in order:
+                    src = tree / "src" if side == "base" else ROOT / "src"
+                    sets = [*args.set, *(args.base_set if side == "base" else [])]
+                    rows[side].append(run_side(src, args.preset, args.data_dir, sets, Path(tmp) / f"{side}{r}"))
+                    m = rows[side][-1]
+                    print(f"{side:>4} #{r}: wall {m['wall_s']:7.1f}s  train {m['train_s']:6.1f}s  method-specific "
+                          f"{m['method_s']:5.1f}s ({100 * m['method_share']:4.1f}% of training)  "
+                          f"A_T {m['final_accuracy']:.2f}", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    base_wall = min(m["wall_s"] for m in rows["base"])
+    new_wall = min(m["wall_s"] for m in rows["new"])
+    print(f"\nwall time new / base: {new_wall / base_wall:.3f} ({100 * (1 - new_wall / base_wall):.1f}% less); "
+          f"method-specific share of training: base {100 * rows['base'][0]['method_share']:.1f}%, "
+          f"new {100 * rows['new'][0]['method_share']:.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base": args.base, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
