@@ -78,14 +78,16 @@ class TimmBackbone(Backbone):
     For a ViT that is the final-normalised [CLS] token. ``name`` may carry a pretrained tag
     (``"vit_base_patch16_224.augreg_in21k"``). ``checkpoint`` loads weights from a local file (timm
     ``pretrained_cfg_overlay=dict(file=...)``; implies ``pretrained=True``; ``.npz`` files are read as original
-    Google ViT checkpoints). Extra ``kwargs`` go to ``timm.create_model`` (e.g. ``img_size=32, patch_size=8``).
+    Google ViT checkpoints). ``fresh_final_norm`` replaces the final LayerNorm by a fresh one (the reference's
+    CIFAR-100 "+CA" variant, "CA1"). Extra ``kwargs`` go to ``timm.create_model`` (e.g. ``img_size=32``).
     """
 
     modality = "image"
     adapter_preset = "timm-vit-kv"
 
     def __init__(
-        self, name: str, *, pretrained: bool = True, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any
+        self, name: str, *, pretrained: bool = True, checkpoint: str | os.PathLike[str] | None = None,
+        fresh_final_norm: bool = False, **kwargs: Any
     ) -> None:
         super().__init__()
         import timm
@@ -117,6 +119,18 @@ class TimmBackbone(Backbone):
         self.name = name
         self.feature_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
         self.img_size = self._resolve_img_size(kwargs.get("img_size"))
+        if fresh_final_norm:
+            self._fresh_final_norm()
+
+    def _fresh_final_norm(self) -> None:
+        """The reference's "CA1" variant: the final LayerNorm replaced by a freshly initialised one (weight 1,
+        bias 0; frozen like the rest of the backbone, so it stays at identity affine)."""
+        norm = getattr(self.model, "norm", None)
+        if not isinstance(norm, nn.LayerNorm):
+            raise BackboneError(f"fresh_final_norm: timm model {self.name!r} has no final LayerNorm `norm` "
+                                f"(found {type(norm).__name__})")
+        self.model.norm = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                                       device=norm.weight.device if norm.weight is not None else None)
 
     def _resolve_img_size(self, requested: Any) -> int | None:
         size = requested

@@ -15,7 +15,7 @@ EXPORT_FORMAT = 1
 VERIFY_TOLERANCE = 1e-4
 # create_model arguments that only say where weights come from: not part of the architecture
 _TIMM_LOAD_ONLY = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
-                   "cache_dir")
+                   "cache_dir", "fresh_final_norm")  # the fresh norm's weights are in the exported state dict
 
 
 class ExportError(ValueError):
