@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from inflora.heads import TaskHeads
 from torch import nn
 
 from inflora import attach
@@ -49,13 +48,13 @@ class PlainModel(nn.Module):
 class UnmergedModel(nn.Module):
     """(c): the backbone with all task branches active, then the concatenated task heads (as the learner does)."""
 
-    def __init__(self, backbone: Backbone, heads: TaskHeads) -> None:
+    def __init__(self, backbone: Backbone, heads: nn.ModuleList) -> None:
         super().__init__()
         self.backbone, self.heads = backbone, heads
 
     def forward(self, inputs: Any) -> torch.Tensor:
         feats = self.backbone(**inputs) if isinstance(inputs, dict) else self.backbone(inputs)
-        return self.heads(feats)
+        return torch.cat([head(feats) for head in self.heads], dim=-1)
 
 
 def build_variants(name: str, args: argparse.Namespace, kwargs: dict[str, Any], tmp: str
@@ -76,14 +75,13 @@ def build_variants(name: str, args: argparse.Namespace, kwargs: dict[str, Any], 
                 up = layer.branch(adapter.current_task).up
                 up.copy_(torch.randn(up.shape, generator=gen) * args.up_std)
         adapter.end_task()
-    heads = TaskHeads(adapted.feature_dim)
-    for _ in range(args.tasks):
-        heads.add(args.classes)
-    weight = torch.cat([h.weight for h in heads.heads]).detach()
-    bias = torch.cat([h.bias for h in heads.heads]).detach()
+    heads = nn.ModuleList(nn.Linear(adapted.feature_dim, args.classes) for _ in range(args.tasks))
+    weight = torch.cat([h.weight for h in heads]).detach()
+    bias = torch.cat([h.bias for h in heads]).detach()
     names = [f"class_{i}" for i in range(weight.shape[0])]
     export_model(adapted, weight, bias, names, tmp, recipe="imagenet", model_kwargs=kwargs,
-                 reference=lambda x: heads(adapted(**x) if isinstance(x, dict) else adapted(x)))
+                 reference=lambda x: torch.nn.functional.linear(adapted(**x) if isinstance(x, dict) else adapted(x),
+                                                                weight, bias))
     device = torch.device(args.device)
     models: dict[str, nn.Module] = {
         "exported": ExportedModel.load(tmp, device=device),

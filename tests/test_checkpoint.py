@@ -203,8 +203,10 @@ def test_resume_with_other_config_is_refused(reference: Reference, tmp_path: Pat
 def test_config_differences_ignore_cosmetic_keys() -> None:
     saved = json.loads(json.dumps(ckpt.to_dict(load_config(None, []))))
     other = load_config(None, ["train.progress=false", "train.num_workers=3", "train.device=cpu",
-                               "data.data_dir=/elsewhere", "method=seqlora", "model.options={a: 1}"])
-    assert ckpt.config_differences(saved, other) == ["method", "model.options"]
+                               "data.data_dir=/elsewhere", "inflora.rank=4", "model.options={a: 1}"])
+    assert ckpt.config_differences(saved, other) == ["inflora.rank", "model.options"]
+    switched = ckpt.config_differences(saved, load_config(None, ["method=seqlora"]))
+    assert "method" in switched and "seqlora.rank" in switched and "inflora.lamb" in switched  # sections too
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -287,7 +289,7 @@ def test_multi_seed_run_resumes_and_summarises(reference: Reference, tmp_path: P
     out = tmp_path / "seeds"
     args = [*run_args(reference.images, "scenario.num_tasks=3", "train.epochs=1"), "--seeds", "0,1", "--out",
             str(out)]
-    killed = run_killed(args, "train:task=1:epoch=0:step=1", tmp_path)
+    killed = run_killed(args, "train:seed=1:task=1:epoch=0:step=1", tmp_path)
     assert killed.returncode == faults.FAULT_EXIT_CODE, killed.stderr
     seed0 = results_of(out / "seed_0")
     assert not (out / "seed_1" / "results.json").exists() and latest(out / "seed_1") == "task_001"

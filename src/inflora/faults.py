@@ -22,8 +22,8 @@ def fault(point: str, **context: object) -> str | None:
     A spec fires when ``point`` matches and every given key equals ``context[key]`` (compared as text; ``rank`` is
     always in the context). Actions: ``exit`` (default) ends the process at once with status 87, as a kill would (no
     clean-up, no flushing); ``raise`` raises :class:`InjectedFault`; ``nan`` is returned, and the caller makes its
-    loss NaN. Points: ``train`` (task, epoch, step: before the step's update), ``stats`` (task, phase: ``design`` or
-    ``memory``, batch), ``checkpoint`` (task: the task just finished; stage: ``tensors``
+    loss NaN. Points: ``train`` (seed, task, epoch, step: before the step's update), ``stats`` (task, phase:
+    ``design`` or ``memory``, batch), ``checkpoint`` (task: the task just finished; stage: ``tensors``
     after the tensor file is written, ``folder`` after the folder is renamed into place, before ``latest`` moves).
     """
     spec = os.environ.get(FAULT_ENV)

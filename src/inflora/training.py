@@ -79,7 +79,7 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
             inputs, labels = move_to(inputs, runtime.device), labels.to(runtime.device)
             with runtime.autocast():
                 loss = step_module(inputs, labels, weights[step])
-            if fault("train", task=task, epoch=epoch, step=step) == "nan":
+            if fault("train", seed=ctx.seed, task=task, epoch=epoch, step=step) == "nan":
                 loss = loss * float("nan")
             value = float(loss.detach())
             if runtime.world_size > 1:  # the global batch's mean loss, so every rank stops together
