@@ -132,12 +132,14 @@ class SubspaceMemory:
             raise ValueError(f"second moment has shape {tuple(c.shape)}, expected ({self.dim}, {self.dim})")
         if not torch.isfinite(c).all():
             raise ValueError("second moment contains NaN or inf")
-        u, s, _ = torch.linalg.svd(c)
-        e = energies(s, self.energy)
-        total = float(e.sum())
+        # the total energy without a decomposition: sum S(C) = trace(C) for the PSD second moment (gpm), and
+        # sum S(C)**2 = ||C||_F**2 (faithful)
+        total = float(torch.trace(c)) if self.energy == "gpm" else float((c * c).sum())
         if total <= 0.0:
             return 0
         if self.is_empty:
+            u, s = self._spectrum(c)
+            e = energies(s, self.energy)
             ratio = torch.cumsum(e, 0) / total
             k = max(1, int((ratio < eps).sum()))
             self.basis = u[:, :k].contiguous()
@@ -152,8 +154,18 @@ class SubspaceMemory:
             self.mode = "complement"
         return added
 
+    def _spectrum(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left singular vectors and singular values (descending). The gpm rule's matrices are symmetric PSD
+        (``C`` and ``P C P``): a symmetric eigendecomposition gives the same, faster; the faithful rule's one-sided
+        ``P C`` is not symmetric and takes an SVD."""
+        if self.energy == "gpm":
+            values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+            return vectors.flip(1), values.flip(0).clamp(min=0.0)
+        u, s, _ = torch.linalg.svd(matrix)
+        return u, s
+
     def _update_basis(self, c: torch.Tensor, total: float, eps: float) -> int:
-        u, s, _ = torch.linalg.svd(self._project(c))
+        u, s = self._spectrum(self._project(c))
         e = energies(s, self.energy)
         acc = (total - float(e.sum())) / total
         r = 0
@@ -168,7 +180,7 @@ class SubspaceMemory:
         return r
 
     def _update_complement(self, c: torch.Tensor, total: float, eps: float) -> int:
-        u, s, _ = torch.linalg.svd(self._project(c))
+        u, s = self._spectrum(self._project(c))
         e = energies(s, self.energy)
         acc = float(e.sum()) / total
         r = 0
