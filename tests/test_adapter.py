@@ -312,3 +312,109 @@ def test_stats_from_another_model_are_refused(vit: nn.Module) -> None:
     adapter.begin_task(good)
     with pytest.raises(RuntimeError, match="end_task first"):
         adapter.begin_task(good)
+
+
+# ------------------------------------------------------------------------------------------ atomicity, short rank
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_rank_given_as_text_is_refused_clearly() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match="rank must be an integer"):
+        inflora.attach(model, targets=r"^(0|2)$", rank="10")
+    assert not any(isinstance(m, inflora.LoRALinear) for m in model.modules())
+
+
+def test_failed_attach_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="rank 10 exceeds the input width 8"):  # fits layer 0, not layer 2
+        inflora.attach(model, targets=r"^(0|2)$", rank=10)
+    assert not any(isinstance(m, inflora.LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+    from inflora.adapter import adapter as adapter_module
+
+    real, calls = adapter_module.SubspaceMemory, []
+
+    def failing_memory(*args: object, **kwargs: object) -> object:  # the second site fails after wrapping
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_module, "SubspaceMemory", failing_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        inflora.attach(model, targets=r"^(0|2)$", rank=4)
+    assert not any(isinstance(m, inflora.LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    after = _snapshot(model)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _trained_state() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    model = mlp()
+    adapter = inflora.attach(model, targets=r"^(0|2)$", rank=2, merge=False)
+    x = torch.randn(32, 16)
+    _two_tasks(model, adapter, [x, x + 1])
+    return adapter.state_dict(), x
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong-shape-up", "wrong-shape-down", "wrong-shape-memory"])
+def test_failed_load_state_dict_changes_nothing(damage: str) -> None:
+    state, x = _trained_state()
+    state = dict(state)
+    if damage == "missing":
+        del state["site1.layer0.up1"]
+    elif damage == "wrong-shape-up":
+        state["site1.layer0.up1"] = torch.zeros(3, 3)
+    elif damage == "wrong-shape-down":
+        state["site1.layer0.down1"] = torch.zeros(2, 7)
+    else:
+        state["site1.memory"] = torch.zeros(5, 5, dtype=torch.float64)
+    model = mlp()
+    adapter = inflora.attach(model, targets=r"^(0|2)$", rank=2, merge=False)
+    with torch.no_grad():
+        out = model(x)
+    weights, before = _snapshot(model), adapter.state_dict()
+    with pytest.raises(ValueError, match=r"corrupt adapter state: .*site1"):
+        adapter.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    after = adapter.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert _snapshot(model).keys() == weights.keys()
+    assert adapter.current_task == 0 and not adapter.in_task and all(not s.downs for s in adapter.sites.values())
+    assert all(not layer.branches for layer in adapter.layers().values())
+    assert all(s.memory.size == 0 for s in adapter.sites.values())
+
+
+def test_rank_above_the_free_space_keeps_old_outputs_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    """rank = input width with lamb 1.0: after the first task the old inputs' span is remembered, so later tasks'
+    D_t get only the free directions and the old inputs' outputs at the adapted layer do not move."""
+    torch.manual_seed(3)
+    q = torch.linalg.qr(torch.randn(16, 16))[0]
+    xs = [torch.randn(48, 4) @ q[:, 4 * t : 4 * t + 4].T for t in range(3)]  # each task spans its own 4 directions
+    # plus a faint fifth direction in the first task: the first memory's rule (the reference's: the directions
+    # whose cumulative energy stays below eps) leaves out the weakest direction with energy, even at lamb 1.0
+    xs[0] = xs[0] + 1e-3 * torch.randn(48, 1) @ q[:, 12:13].T
+    model = mlp()
+    adapter = inflora.attach(model, targets=r"^0$", rank=16, lamb=1.0, num_tasks=3)
+    caplog.set_level("WARNING", logger="inflora")
+    outputs = []
+    for t, x in enumerate(xs):
+        if t:
+            outputs.append(layer_outputs(model, adapter, xs[0]))
+        downs = adapter.begin_task(inflora.collect_input_stats(model, adapter, batches(x)))
+        if t:
+            (down,) = downs.values()
+            assert down.shape[0] < 16  # only the free directions
+        train_steps(model, adapter.trainable_parameters(), x, steps=15)
+        adapter.end_task(inflora.collect_input_stats(model, adapter, batches(x)))
+    outputs.append(layer_outputs(model, adapter, xs[0]))
+    scale = max(float(o.abs().max()) for o in outputs[0].values())
+    assert max_change(outputs[0], outputs[-1]) < 1e-4 * scale
+    warnings = [r for r in caplog.records if "free directions" in r.getMessage()]
+    assert len(warnings) == 1
+    assert adapter.short[1] and adapter.short[2] and not adapter.short[0]

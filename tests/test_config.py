@@ -90,3 +90,34 @@ def test_config_module_imports_nothing_from_the_package() -> None:
     tree = ast.parse(inspect.getsource(module))
     imports = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     assert not [n for n in imports if n.level > 0 or (n.module or "").startswith("inflora")]
+
+
+# ------------------------------------------------------------------------------------------------ command line checks
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seeds", "-1"], "seeds"),
+    (["--seeds", "0,9223372036854775808"], "seeds"),
+    (["--seeds", "1.5"], "seeds"),
+    (["--set", "train.lr=nan"], "train.lr"),
+    (["--set", "train.lr=inf"], "train.lr"),
+    (["--set", "train.lr=-inf"], "train.lr"),
+])
+def test_run_refuses_bad_seeds_and_learning_rates_up_front(args: list[str], message: str, tmp_path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from inflora import cli
+
+    assert cli.main(["run", "--out", str(tmp_path / "out"), "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("inflora: config error:") and message in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_trust_remote_code_only_from_the_command_line(tmp_path) -> None:
+    import yaml
+
+    preset = tmp_path / "untrusted.yaml"
+    preset.write_text(yaml.safe_dump({"model": {"backbone": "hf:/some/model", "options": {"trust_remote_code": True}}}))
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        load_config(str(preset))
+    config = load_config(str(preset), ["model.options={trust_remote_code: true}"])
+    assert config.model.options == {"trust_remote_code": True}
+    assert load_config(None, ["model.options={trust_remote_code: true}"]).model.options["trust_remote_code"] is True

@@ -25,6 +25,9 @@ def _parse_seeds(text: str | None) -> list[int] | None:
         raise ConfigError(f"--seeds expects comma-separated integers, got {text!r}") from exc
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds expects distinct integers, got {text!r}")
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise ConfigError(f"--seeds must be integers in [0, 2**63), got {', '.join(map(str, bad))}")
     return seeds
 
 

@@ -320,8 +320,22 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] | tuple[
     config = from_dict(mapping)
     for assignment in overrides:
         set_override(config, assignment)
+    if config.model.options.get("trust_remote_code") and not _cli_trusts_remote_code(overrides):
+        raise ConfigError(f"{source} sets model.options.trust_remote_code, which runs the model folder's Python code: "
+                          "refused from a preset or file; if you trust that code, pass it on the command line "
+                          "(--set 'model.options={trust_remote_code: true, ...}')")
     validate(config)
     return config
+
+
+def _cli_trusts_remote_code(overrides: list[str] | tuple[str, ...]) -> bool:
+    """Whether the ``key=value`` overrides themselves set ``model.options`` with ``trust_remote_code``."""
+    probe = RunConfig()
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if key in ("model", "model.options") or key.startswith("model.options."):
+            set_override(probe, assignment)
+    return bool(probe.model.options.get("trust_remote_code"))
 
 
 def validate(config: RunConfig) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..lora import LoRALinear, unwrap, wrap_linears
+from .checks import check_state
 from .design import design_down
 from .memory import SubspaceMemory, threshold
 from .options import InfLoRAConfig
@@ -284,7 +285,8 @@ class InfLoRAAdapter:
         if saved_sites != my_sites:
             raise ValueError(f"saved state has sites {saved_sites[:3]}... ({len(saved_sites)}), this adapter has "
                              f"{my_sites[:3]}... ({len(my_sites)}): attach with the same model and targets")
-        n_tasks, in_task = int(meta["task"]), bool(meta["in_task"])
+        n_tasks, in_task = check_state(state, meta, list(self.sites.values()))  # before anything changes
+        weights = {name: layer.base.weight.detach().clone() for name, layer in self.layers().items()}
         try:
             for i, site in enumerate(self.sites.values()):
                 site.memory.load(state[f"site{i}.memory"], meta["sites"][i]["mode"])
@@ -301,12 +303,27 @@ class InfLoRAAdapter:
                     self.task, self.merged = t + 1, [*self.merged, False]
                     if meta["merged"][t]:
                         self.merge_branches()
-        except KeyError as exc:
-            raise ValueError(f"corrupt adapter state: missing tensor {exc}") from exc
+        except Exception:  # unexpected after the checks: put everything back as it was
+            self._reset(weights)
+            raise
         self.task, self.in_task = n_tasks, in_task
         self.merged = [bool(m) for m in meta["merged"]]
         self.added = [dict(a) for a in meta.get("added", [])]
         self.short = [dict(a) for a in meta.get("short", [{} for _ in range(n_tasks + int(in_task))])]
+
+
+    @torch.no_grad()
+    def _reset(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Back to freshly attached: no branches, the given base weights, empty memories."""
+        for name, layer in self.layers().items():
+            layer.branches.clear()
+            layer.merged.clear()
+            layer.base.weight.copy_(weights[name])
+        for site in self.sites.values():
+            site.downs.clear()
+            site.memory = SubspaceMemory(site.dim, dual=self.config.memory == "dualgpm", energy=self.config.energy,
+                                         device=site.memory.basis.device)
+        self.task, self.in_task, self.merged = 0, False, []
 
 
 def attach(
@@ -342,16 +359,23 @@ def attach(
             width = model.get_submodule(name).in_features
             if config.rank > width:
                 raise ValueError(f"rank {config.rank} exceeds the input width {width} of layer {name!r}")
+    trainable = {p: p.requires_grad for p in model.parameters()}
     wrapped = wrap_linears(model, [(n, s) for spec in specs for n, s in zip(spec.layers, spec.slices, strict=True)])
-    by_name = dict(wrapped)
-    if freeze:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    sites = []
-    for spec in specs:
-        layers = [(name, by_name[name]) for name in spec.layers]
-        dim = layers[0][1].in_features
-        memory = SubspaceMemory(dim, dual=config.memory == "dualgpm", energy=config.energy,
-                                device=layers[0][1].base.weight.device)
-        sites.append(Site(spec.name, layers, dim, spec.block, memory, []))
-    return InfLoRAAdapter(model, sites, config, preset, targets, blocks)
+    try:  # all or nothing: a failure below puts the plain layers and the trainability back
+        by_name = dict(wrapped)
+        if freeze:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        sites = []
+        for spec in specs:
+            layers = [(name, by_name[name]) for name in spec.layers]
+            dim = layers[0][1].in_features
+            memory = SubspaceMemory(dim, dual=config.memory == "dualgpm", energy=config.energy,
+                                    device=layers[0][1].base.weight.device)
+            sites.append(Site(spec.name, layers, dim, spec.block, memory, []))
+        return InfLoRAAdapter(model, sites, config, preset, targets, blocks)
+    except BaseException:
+        unwrap(model, wrapped)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        raise

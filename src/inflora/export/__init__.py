@@ -5,7 +5,8 @@ checkpoint, folds every task's low-rank branch into the backbone weights and sta
 into one classifier. ``MODEL_DIR`` then needs neither inflora nor adapters: plain timm / transformers code loads it.
 
 Every export holds ``inflora_export.json`` (the manifest: backbone kind and name, pooling, feature dimension, number
-of classes, image recipe and size, source run, library version) and ``class_names.json`` (logit ``i`` is class
+of classes, image recipe and size, source run, library version, and the SHA-256 of every file the export wrote,
+checked on loading) and ``class_names.json`` (logit ``i`` is class
 ``class_names[i]``). Besides, a **timm** export holds ``model.safetensors`` (the timm model's own state dict, the
 classifier as its head) and timm's ``config.json``::
 

@@ -42,7 +42,7 @@ def _quiet_loading() -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     _quiet_loading()
     manifest = export_run(args.run_dir, args.to, device=args.device, overwrite=args.overwrite,
-                          verify=not args.no_verify)
+                          verify=not args.no_verify, trust_remote_code=args.trust_remote_code)
     print(f"exported {manifest['kind']} model {manifest['model_name']} with {manifest['num_classes']} classes "
           f"({manifest['tasks_done']} tasks) to {args.to}")
     return 0
@@ -79,9 +79,12 @@ def add_export_commands(sub: argparse._SubParsersAction) -> None:
                                      "classifier and save them for plain timm / transformers (see docs/export.md).")
     exp.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder (holds config.yaml, checkpoints)")
     exp.add_argument("--to", required=True, metavar="MODEL_DIR", help="folder to write the model to")
-    exp.add_argument("--overwrite", action="store_true", help="replace an earlier export in MODEL_DIR")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace the files of an earlier export in MODEL_DIR (other files are kept)")
     exp.add_argument("--device", default="cpu", help="device to rebuild the run on (default: cpu)")
     exp.add_argument("--no-verify", action="store_true", help="skip reloading the export to compare its logits")
+    exp.add_argument("--trust-remote-code", action="store_true",
+                     help="allow the run's model.options.trust_remote_code (runs the model folder's Python code)")
     exp.set_defaults(func=cmd_export)
 
     pred = sub.add_parser("predict", help="top-k classes of images or texts with an exported model",

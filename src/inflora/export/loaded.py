@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format import CLASS_NAMES_FILE, CLASSIFIER_FILE, TIMM_WEIGHTS_FILE, ExportError, read_manifest
+from .format import CLASS_NAMES_FILE, CLASSIFIER_FILE, TIMM_WEIGHTS_FILE, ExportError, read_manifest, verify_files
 
 
 class ExportedModel(nn.Module):
@@ -45,10 +45,11 @@ class ExportedModel(nn.Module):
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> ExportedModel:
         """Load an export folder (see the module docstring for the equivalent plain-library lines)."""
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError
 
         folder = Path(model_dir)
         manifest = read_manifest(folder)
+        verify_files(folder, manifest)
         try:
             class_names = json.loads((folder / CLASS_NAMES_FILE).read_text())
             if manifest["kind"] == "timm":
@@ -56,18 +57,18 @@ class ExportedModel(nn.Module):
 
                 model = timm.create_model(manifest["model_name"], pretrained=False,
                                           num_classes=manifest["num_classes"], **manifest["model_kwargs"])
-                model.load_state_dict(load_file(str(folder / TIMM_WEIGHTS_FILE)))
+                model.load_state_dict(_read_tensors(folder / TIMM_WEIGHTS_FILE))
                 out = cls(manifest, class_names, model)
             else:
                 from transformers import AutoModel, AutoTokenizer
 
                 encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-                head = load_file(str(folder / CLASSIFIER_FILE))
+                head = _read_tensors(folder / CLASSIFIER_FILE)
                 classifier = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
                 classifier.load_state_dict(head)
                 out = cls(manifest, class_names, encoder, classifier, tokenizer)
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as exc:
             if isinstance(exc, ExportError):
                 raise
             raise ExportError(f"{folder}: incomplete or damaged export ({type(exc).__name__}: {exc})") from exc
@@ -113,6 +114,17 @@ class ExportedModel(nn.Module):
             out.extend([(int(i), self.class_names[int(i)], float(s)) for s, i in zip(row_s, row_i, strict=True)]
                        for row_s, row_i in zip(scores.cpu(), idx.cpu(), strict=True))
         return out
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, with an error naming it when it is missing, cut or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"{path}: damaged or incomplete weights file ({exc}); export the run again") from exc
 
 
 def _open_image(item: Any) -> Any:

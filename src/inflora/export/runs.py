@@ -55,9 +55,11 @@ def export_experiment(
                         overwrite=overwrite, reference=reference, verify=verify)
 
 
-def load_trained_experiment(run_dir: str | os.PathLike[str], device: str = "cpu") -> Experiment:
+def load_trained_experiment(run_dir: str | os.PathLike[str], device: str = "cpu", *,
+                            trust_remote_code: bool = False) -> Experiment:
     """Rebuild the experiment of ``run_dir`` (``config.yaml``) on ``device`` and restore its last checkpoint
-    (the learner's state and the run state)."""
+    (the learner's state and the run state). A ``config.yaml`` with ``model.options.trust_remote_code`` (which runs
+    the model folder's Python code) is refused unless ``trust_remote_code``."""
     import yaml
 
     from ..checkpoint import load_latest
@@ -77,19 +79,23 @@ def load_trained_experiment(run_dir: str | os.PathLike[str], device: str = "cpu"
         config = from_dict(yaml.safe_load(config_file.read_text()) or {})
     except (ConfigError, yaml.YAMLError) as exc:
         raise ExportError(f"{config_file}: {exc}") from exc
+    if config.model.options.get("trust_remote_code") and not trust_remote_code:
+        raise ExportError(f"{config_file} sets model.options.trust_remote_code, which would run the model folder's "
+                          "Python code while exporting: refused; pass --trust-remote-code if you trust that run "
+                          "folder and model")
     config.train.device = device
     config.train.progress = False
-    experiment = Experiment(config, progress=False)
     found = load_latest(run)
     if found is None:
         raise ExportError(f"{run} has no checkpoint: it finished no task, or was run without checkpoints")
+    experiment = Experiment(config, progress=False)
     experiment.restore(found)
     return experiment
 
 
 def export_run(run_dir: str | os.PathLike[str], to_dir: str | os.PathLike[str], *, device: str = "cpu",
-               overwrite: bool = False, verify: bool = True) -> dict[str, Any]:
+               overwrite: bool = False, verify: bool = True, trust_remote_code: bool = False) -> dict[str, Any]:
     """:func:`load_trained_experiment` then :func:`export_experiment`. Returns the manifest."""
     _prepare_target(Path(to_dir), overwrite)  # fail before the (slow) rebuild
-    experiment = load_trained_experiment(run_dir, device)
+    experiment = load_trained_experiment(run_dir, device, trust_remote_code=trust_remote_code)
     return export_experiment(experiment, to_dir, source_run=run_dir, overwrite=overwrite, verify=verify)

@@ -27,6 +27,8 @@ from .format import (
     TIMM_WEIGHTS_FILE,
     VERIFY_TOLERANCE,
     ExportError,
+    folder_digests,
+    read_manifest,
 )
 from .loaded import ExportedModel
 
@@ -137,15 +139,71 @@ def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
-def _prepare_target(to_dir: Path, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds something, unless ``overwrite`` and it is an earlier export."""
+def _prepare_target(to_dir: Path, overwrite: bool) -> set[str]:
+    """Refuse to write into a folder that holds something, unless ``overwrite`` and it is an earlier export with a
+    valid manifest. Returns the files that earlier export wrote (relative paths, its manifest included)."""
     if to_dir.exists() and not to_dir.is_dir():
         raise ExportError(f"--to {to_dir} exists and is not a folder")
-    if to_dir.is_dir() and any(to_dir.iterdir()):
-        if not overwrite:
-            raise ExportError(f"output folder {to_dir} is not empty (pass --overwrite to replace an earlier export)")
-        if not (to_dir / MANIFEST_FILE).is_file():
-            raise ExportError(f"refusing to replace {to_dir}: it holds files but is not an inflora export")
+    if not (to_dir.is_dir() and any(to_dir.iterdir())):
+        return set()
+    if not overwrite:
+        raise ExportError(f"output folder {to_dir} is not empty (pass --overwrite to replace an earlier export)")
+    try:
+        manifest = read_manifest(to_dir)
+    except ExportError as exc:
+        raise ExportError(f"refusing to replace {to_dir}: it holds files but is not an inflora export with a valid "
+                          f"manifest ({exc})") from None
+    if "sha256" not in manifest:
+        raise ExportError(f"refusing to replace {to_dir}: its manifest (format {manifest['format_version']}) does not "
+                          "list the files the export wrote; remove the folder yourself or export elsewhere")
+    return {MANIFEST_FILE, *manifest["sha256"]}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(folder: Path) -> None:
+    """Files ``0666 & ~umask``, folders ``0777 & ~umask`` (some writers create their files ``0600``)."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _carry_user_files(old: Path, new: Path, owned: set[str]) -> None:
+    """Put into ``new`` (hard links, else copies) every entry of ``old`` that the earlier export did not write;
+    refuse when the new export would replace one of them."""
+    written = {p.relative_to(new).as_posix() for p in new.rglob("*")}
+    for dirpath, dirnames, filenames in os.walk(old):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(old)
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        dirnames[:] = [d for d in dirnames if d not in links]
+        for d in dirnames:
+            rel = (rel_dir / d).as_posix()
+            if rel in written and not (new / rel).is_dir():
+                raise ExportError(f"refusing to replace {old}: the new export would replace the user's folder {rel}")
+        for name in [*filenames, *links]:
+            rel = (rel_dir / name).as_posix()
+            if rel in owned:
+                continue
+            if rel in written:
+                raise ExportError(f"refusing to replace {old}: {rel} is not one of the files its manifest lists, and "
+                                  "the new export would replace it; move it away first")
+            src, dst = here / name, new / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        for d in dirnames:  # the user's empty folders too
+            (new / rel_dir / d).mkdir(parents=True, exist_ok=True)
 
 
 def export_model(
@@ -174,7 +232,7 @@ def export_model(
     from .. import __version__
 
     to_dir = Path(to_dir)
-    _prepare_target(to_dir, overwrite)
+    _prepare_target(to_dir, overwrite)  # fail early; checked again when the new files are in place
     weight, bias = weight.detach().float().cpu().contiguous(), bias.detach().float().cpu().contiguous()
     if weight.ndim != 2 or bias.shape != (weight.shape[0],) or weight.shape[1] != backbone.feature_dim:
         raise ExportError(f"classifier shapes {tuple(weight.shape)}, {tuple(bias.shape)} do not fit feature_dim "
@@ -185,7 +243,7 @@ def export_model(
     to_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = to_dir.parent / f".{to_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o777)
     try:
         if isinstance(backbone, TimmBackbone):
             spec = _save_timm(backbone, merged, weight, bias, tmp, model_kwargs or {}, recipe)
@@ -200,10 +258,14 @@ def export_model(
                     "library": "inflora", "library_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / CLASS_NAMES_FILE).write_text(json.dumps(list(map(str, class_names)), indent=1, ensure_ascii=False))
+        manifest["sha256"] = folder_digests(tmp)  # every file the export wrote, checked on loading
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        _apply_umask(tmp)
         if verify:
             _verify(backbone, weight, bias, tmp, reference)
+        owned = _prepare_target(to_dir, overwrite)
         if to_dir.exists():
+            _carry_user_files(to_dir, tmp, owned)
             old = to_dir.parent / f".{to_dir.name}.old-{os.getpid()}"
             to_dir.rename(old)
             tmp.rename(to_dir)
