@@ -222,6 +222,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"inflora: error: {exc}", file=sys.stderr)
             return 1
         raise
+    finally:
+        _reset_logging()
+
+
+def _reset_logging() -> None:
+    """Take the command's log handlers off the ``inflora`` logger again (a library user's or a test's logging
+    setup, and later commands in the same process, see the logger as it was)."""
+    logger = logging.getLogger("inflora")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
 
 
 if __name__ == "__main__":
