@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_checkpoint import copy_run, latest, reference_run, results_of, run_args, same_results, single_thread
 
 from conftest import make_image_folder
 from inflora import faults
 from inflora.cli import main
+from test_checkpoint import copy_run, latest, reference_run, results_of, run_args, same_results, single_thread
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 reference = pytest.fixture(scope="module", name="reference")(reference_run)
