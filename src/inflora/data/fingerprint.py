@@ -28,13 +28,16 @@ def _update_items(h: Any, split: Split, indices: Sequence[int]) -> None:
         _update_items(h, split.parent, [split.indices[i] for i in indices])
     elif isinstance(split, ImageFileSplit):
         paths = split.paths
-        root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+        try:
+            root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+        except ValueError:  # absolute and relative paths mixed, or several drives
+            root = ""
         for i in indices:
             try:
                 size = os.stat(paths[i]).st_size
             except OSError:
                 size = -1
-            h.update(f"{os.path.relpath(paths[i], root)}\0{size}\n".encode())
+            h.update(f"{os.path.relpath(paths[i], root) if root else paths[i]}\0{size}\n".encode())
     elif isinstance(split, ListSplit):
         items = split.items
         if isinstance(items, np.ndarray):
