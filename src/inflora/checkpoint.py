@@ -3,12 +3,15 @@
 Layout inside a run folder::
 
     checkpoints/task_002/tensors.safetensors   the learner's state_dict() (prefix "learner."), torch RNGs
-    checkpoints/task_002/state.json            run state, resolved config, Python/NumPy RNGs, checksum of the tensors
+    checkpoints/task_002/state.json            run state, resolved config, data fingerprint, Python/NumPy RNGs,
+                                               checksums of the tensors and of state.json itself
     checkpoints/latest                         "task_002": the last complete checkpoint
 
 A checkpoint is written into a temporary folder, flushed, renamed into place, and only then does ``latest`` move
 (atomically) to it; older checkpoints are pruned to the last :data:`KEEP`. A kill at any moment therefore leaves the
 checkpoint ``latest`` names complete. Tensors are safetensors and everything else JSON: loading never unpickles.
+Both files are verified on loading (SHA-256). When ``latest`` is missing, the newest ``task_NNN`` that verifies is
+used. Only checkpoints inflora wrote are ever deleted (:mod:`inflora.runfolder`).
 
 There is no optimiser state: the engine builds a fresh optimiser at the start of every task and checkpoints are
 taken between tasks, so no optimiser outlives its task. Every random draw of a task is seeded from ``(seed, task)``,
@@ -38,18 +41,19 @@ from . import distributed
 from .config import ConfigError, RunConfig, to_dict
 from .faults import fault
 from .results import RunState, atomic_write_text
+from .runfolder import LATEST, STATE_FILE, TASK_DIR, TENSOR_FILE, checkpoints_dir, remove_checkpoint_folder
+from .runfolder import clear_checkpoints as clear_checkpoints
 
 log = logging.getLogger("inflora")
 
-FORMAT = 2
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-STATE_FILE = "state.json"
-TENSOR_FILE = "tensors.safetensors"
+FORMAT = 3
+"""Format 3 adds the checksum of state.json and the data fingerprint; format 2 checkpoints are still read."""
+READABLE = (2, 3)
 KEEP = 2
 """Complete checkpoints kept (the newest and the one before, in case the newest is damaged later)."""
 COSMETIC_KEYS = frozenset({"description", "data.data_dir", "train.progress", "train.num_workers", "train.device"})
 """Config keys that do not change results: a run may be resumed with other values."""
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, of another format, or not writable."""
@@ -100,13 +104,19 @@ def _set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
         torch.cuda.set_rng_state_all(cuda)
 
 
+def state_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``meta`` without its own ``state_sha256`` field."""
+    body = {k: v for k, v in meta.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def save_checkpoint(out: Path, state: RunState, learner_state: dict[str, torch.Tensor], config: RunConfig,
-                    num_tasks: int, cuda: bool = False, keep: int = KEEP) -> Path:
+                    num_tasks: int, cuda: bool = False, keep: int = KEEP, data: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint after the last finished task of ``state`` into ``out/checkpoints``: the learner's whole
-    ``state_dict()``, the run state, the resolved config and the RNG states (the CUDA ones when ``cuda``); point
-    ``latest`` at it; prune to the last ``keep``. Returns the checkpoint folder."""
+    ``state_dict()``, the run state, the resolved config, the data fingerprint ``data`` and the RNG states (the CUDA
+    ones when ``cuda``); point ``latest`` at it; prune to the last ``keep``. Returns the checkpoint folder."""
     done = state.tasks_done
-    root = Path(out) / CHECKPOINTS
+    root = checkpoints_dir(Path(out))
     name = f"task_{done:03d}"
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
@@ -121,26 +131,29 @@ def save_checkpoint(out: Path, state: RunState, learner_state: dict[str, torch.T
         "run_state": dataclasses.asdict(state),
         "config": to_dict(config),
         "rng": rng_meta,
+        "data": data,
         "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
     }
+    meta["state_sha256"] = state_checksum(json.loads(json.dumps(meta)))
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if (tmp.exists() or tmp.is_symlink()) and not remove_checkpoint_folder(tmp):
+            raise OSError(f"{tmp} holds files inflora did not write")
         tmp.mkdir()
         _write_bytes(tmp / TENSOR_FILE, tensor_bytes)
         fault("checkpoint", task=done - 1, stage="tensors")
         _write_bytes(tmp / STATE_FILE, (json.dumps(meta, indent=1) + "\n").encode())
         _fsync_dir(tmp)
-        if final.exists():  # left by a run killed before `latest` moved to it: not referenced
-            shutil.rmtree(final)
+        # a folder left by a run killed before `latest` moved to it is not referenced: replace it
+        if (final.exists() or final.is_symlink()) and not remove_checkpoint_folder(final):
+            raise OSError(f"{final} holds files inflora did not write")
         os.replace(tmp, final)
         _fsync_dir(root)
         fault("checkpoint", task=done - 1, stage="folder")
         atomic_write_text(root / LATEST, name + "\n")
         _fsync_dir(root)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_checkpoint_folder(tmp)
         previous = _read_latest_name(root)
         kept = f"; the last complete checkpoint ({previous}) is kept" if previous else ""
         raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or exc}{kept}") from exc
@@ -151,15 +164,10 @@ def save_checkpoint(out: Path, state: RunState, learner_state: dict[str, torch.T
 
 def _prune(root: Path, done: int, keep: int) -> None:
     for path in root.iterdir():
-        match = re.fullmatch(r"task_(\d+)", path.name)
-        stale = path.name.startswith(".tmp-") or (match is not None and int(match.group(1)) <= done - keep)
-        if stale and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def clear_checkpoints(out: Path) -> None:
-    """Remove ``out/checkpoints`` (a fresh run must never be resumed from an older run's checkpoint)."""
-    shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
+        stale = re.fullmatch(r"\.tmp-task_\d+-\d+", path.name) is not None
+        stale |= TASK_DIR.fullmatch(path.name) is not None and int(path.name[5:]) <= done - keep
+        if stale:
+            remove_checkpoint_folder(path)
 
 
 def check_free_space(out: Path, checkpoint_bytes: int, keep: int = KEEP) -> None:
@@ -196,24 +204,69 @@ def _read_latest_name(root: Path) -> str | None:
         return None
 
 
-def _read_files(out: Path) -> tuple[Path, bytes, bytes] | None:
-    """Locate the last complete checkpoint and read its two files (raises CheckpointError; None: no checkpoint)."""
-    root = Path(out) / CHECKPOINTS
-    latest = root / LATEST
-    if not latest.exists():
-        return None
-    name = _read_latest_name(root)
-    if name is None or not re.fullmatch(r"task_\d+", name):
-        raise CheckpointError(f"{latest} is corrupt: expected a checkpoint name such as task_002, got {name!r}")
-    folder = root / name
+def _task_folders(root: Path) -> list[Path]:
+    """The ``task_NNN`` checkpoint folders in ``root`` (not symlinks), newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if TASK_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def how_to_continue(folder: Path) -> str:
+    """What to do when the checkpoint in ``folder`` cannot be used: resume from the one before, if any is kept."""
+    root = folder.parent
+    number = int(folder.name[5:]) if TASK_DIR.fullmatch(folder.name) else 0
+    older = [p.name for p in _task_folders(root) if int(p.name[5:]) < number]
+    if older:
+        return (f"to continue from the previous checkpoint, write its name ({older[0]}) into {root / LATEST} and run "
+                "the same command again with --resume")
+    return "no earlier checkpoint is kept: start the run again with --overwrite"
+
+
+def _read_folder(folder: Path) -> tuple[bytes, bytes]:
     files = []
     for file in (folder / STATE_FILE, folder / TENSOR_FILE):
         try:
             files.append(file.read_bytes())
         except OSError as exc:
             raise CheckpointError(f"checkpoint file {file} cannot be read ({exc.strerror or exc}): the checkpoint is "
-                                  "incomplete or was removed") from exc
-    return folder, files[0], files[1]
+                                  f"incomplete or was removed; {how_to_continue(folder)}") from exc
+    return files[0], files[1]
+
+
+def _recover(root: Path) -> tuple[Path, bytes, bytes] | None:
+    """``latest`` is missing: the newest ``task_NNN`` that reads and verifies (None: there is no task folder)."""
+    folders = _task_folders(root)
+    failures = []
+    for folder in folders:
+        try:
+            state_bytes, tensor_bytes = _read_folder(folder)
+            _parse(folder, state_bytes, tensor_bytes)
+        except CheckpointError as exc:
+            failures.append(f"{folder.name}: {str(exc).split(';')[0]}")
+            continue
+        log.warning("%s is missing: recovered the newest complete checkpoint, %s", root / LATEST, folder.name)
+        return folder, state_bytes, tensor_bytes
+    if folders:
+        raise CheckpointError(f"no complete checkpoint in {root}: {LATEST} is missing and no task folder verifies "
+                              f"({'; '.join(failures)}); start the run again with --overwrite (which deletes them)")
+    return None
+
+
+def _read_files(out: Path) -> tuple[Path, bytes, bytes] | None:
+    """Locate the last complete checkpoint and read its two files (raises CheckpointError; None: no checkpoint).
+    Without ``latest``, the newest task folder that verifies."""
+    root = checkpoints_dir(Path(out))
+    latest = root / LATEST
+    if not latest.exists():
+        return _recover(root)
+    name = _read_latest_name(root)
+    if name is None or not TASK_DIR.fullmatch(name):
+        raise CheckpointError(f"{latest} is corrupt: expected a checkpoint name such as task_002, got {name!r}; "
+                              f"write the name of a checkpoint folder in {root} into it, or delete it to resume from "
+                              "the newest complete one")
+    folder = root / name
+    return (folder, *_read_folder(folder))
 
 
 def _parse(folder: Path, state_bytes: bytes, tensor_bytes: bytes) -> Checkpoint:
@@ -223,25 +276,36 @@ def _parse(folder: Path, state_bytes: bytes, tensor_bytes: bytes) -> Checkpoint:
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {state_file} is corrupt or truncated ({exc})") from exc
-    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint file {state_file} is corrupt or truncated ({exc}); "
+                              f"{how_to_continue(folder)}") from exc
+    if meta.get("format") not in READABLE:
         raise CheckpointError(f"checkpoint file {state_file} has format {meta.get('format')!r}; this version of "
-                              f"inflora reads format {FORMAT}")
-    missing = [k for k in ("tasks_done", "config", "run_state", "rng", "tensors_sha256") if k not in meta]
+                              f"inflora reads formats {', '.join(map(str, READABLE))}")
+    required = ["tasks_done", "config", "run_state", "rng", "tensors_sha256"]
+    if meta["format"] >= 3:
+        required.append("state_sha256")
+    missing = [k for k in required if k not in meta]
     if missing:
-        raise CheckpointError(f"checkpoint file {state_file} is corrupt: missing {', '.join(missing)}")
+        raise CheckpointError(f"checkpoint file {state_file} is corrupt: missing {', '.join(missing)}; "
+                              f"{how_to_continue(folder)}")
+    if "state_sha256" in meta and state_checksum(meta) != meta["state_sha256"]:
+        raise CheckpointError(f"checkpoint file {state_file} is corrupt or was edited (checksum mismatch); "
+                              f"{how_to_continue(folder)}")
     if hashlib.sha256(tensor_bytes).hexdigest() != meta["tensors_sha256"]:
-        raise CheckpointError(f"checkpoint file {tensor_file} is corrupt or truncated (checksum mismatch)")
+        raise CheckpointError(f"checkpoint file {tensor_file} is corrupt or truncated (checksum mismatch); "
+                              f"{how_to_continue(folder)}")
     try:
         tensors = load_tensors(tensor_bytes)
     except Exception as exc:  # safetensors raises its own error type
-        raise CheckpointError(f"checkpoint file {tensor_file} is corrupt or truncated ({exc})") from exc
+        raise CheckpointError(f"checkpoint file {tensor_file} is corrupt or truncated ({exc}); "
+                              f"{how_to_continue(folder)}") from exc
     return Checkpoint(folder, meta, tensors)
 
 
 def load_latest(out: Path) -> Checkpoint | None:
-    """The last complete checkpoint of the run in ``out``, or None when it has none yet. Under torchrun, rank 0
-    reads the files and sends their bytes to the other ranks (no shared file system needed)."""
+    """The last complete checkpoint of the run in ``out`` (without ``latest``: the newest that verifies), or None
+    when it has none yet. Under torchrun, rank 0 reads the files and sends their bytes to the other ranks (no shared
+    file system needed)."""
     found = distributed.on_main(lambda: _read_files(out))
     folder_text = distributed.broadcast_bytes(str(found[0]).encode() if found else None).decode()
     if not folder_text:
@@ -270,15 +334,20 @@ def config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
     return [k for k in keys if mine.get(k) != theirs.get(k)]
 
 
+def check_saved_config(saved: dict[str, Any], where: Path, config: RunConfig) -> None:
+    """Refuse to resume the run ``where`` (saved config ``saved``) with a configuration that changes results."""
+    differ = config_differences(saved, config)
+    if differ:
+        theirs = _flatten(saved)
+        mine = _flatten(json.loads(json.dumps(to_dict(config))))
+        details = "; ".join(f"{k}: saved {theirs.get(k)!r}, now {mine.get(k)!r}" for k in differ)
+        raise ConfigError(f"cannot resume {where} with a different configuration ({details}); resume with the "
+                          "original settings or start a new run in another --out")
+
+
 def check_config(checkpoint: Checkpoint, config: RunConfig) -> None:
     """Refuse to resume ``checkpoint`` with a configuration that would change the results."""
-    differ = config_differences(checkpoint.meta["config"], config)
-    if differ:
-        saved = _flatten(checkpoint.meta["config"])
-        mine = _flatten(json.loads(json.dumps(to_dict(config))))
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in differ)
-        raise ConfigError(f"cannot resume {checkpoint.path} with a different configuration ({details}); resume with "
-                          "the original settings or start a new run in another --out")
+    check_saved_config(checkpoint.meta["config"], checkpoint.path, config)
 
 
 def restore_rng(checkpoint: Checkpoint) -> None:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,34 +32,64 @@ def _parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def _setup_logging(log_file: Path | None, quiet: bool) -> None:
+class _Buffer(logging.Handler):
+    """Holds the log records of a run's start-up until its run folder may be written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _setup_logging(quiet: bool) -> _Buffer:
+    """Log to the console, and into a buffer until :func:`_log_to_file` (nothing is written before the run starts)."""
     logger = logging.getLogger("inflora")
     logger.setLevel(logging.INFO)
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
+    buffer = _Buffer()
+    logger.addHandler(buffer)
+    return buffer
+
+
+def _log_to_file(log_file: Path, buffer: _Buffer) -> None:
+    """From now on log into ``log_file`` too, starting with what the buffer holds."""
+    logger = logging.getLogger("inflora")
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for record in buffer.records:
+        handler.handle(record)
+    logger.removeHandler(buffer)
+    logger.addHandler(handler)
 
 
 def default_out(config: RunConfig) -> Path:
     return Path("runs") / f"{config.benchmark}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix a new run into a folder that holds another one; fail early when it is not writable."""
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse to mix a new run into a folder that holds another one, or to touch checkpoints through a symlink;
+    fail early when it is not writable. Returns the folders it created (removed again if the start-up fails)."""
+    from .runfolder import check_run_folder, missing_folders
+
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run or replace it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     occupied = out.is_dir() and any(out.iterdir())
     if occupied and not (resume or overwrite):
         raise ConfigError(f"output folder {out} is not empty: pass --resume to continue that run or --overwrite "
                           "to replace it")
+    check_run_folder(out)
+    created = missing_folders(out)
     probe = out / ".write-test"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -66,40 +97,89 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
+    return created
 
 
-def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool) -> dict[str, Any]:
+def _finished_results(out: Path) -> dict[str, Any] | None:
+    """The results of a finished run in ``out`` whose checkpoints are gone (None: there are none)."""
+    import json
+
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}) and {out} has no checkpoint to resume from: restore it, "
+                          "or start the run again with --overwrite") from exc
+    if not isinstance(results, dict) or results.get("tasks_done") != results.get("num_tasks"):
+        raise ConfigError(f"{path} is not the results of a finished run and {out} has no checkpoint to resume "
+                          "from: start the run again with --overwrite")
+    return results
+
+
+def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool,
+            before_write: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run one seed into ``out``; write results.json, config.yaml, run.log and a checkpoint after every task (rank 0
-    only under torchrun). ``resume``: continue from the last complete checkpoint, if any. Returns the results."""
-    from .checkpoint import check_config, check_free_space, clear_checkpoints, load_latest, save_checkpoint
+    only under torchrun). ``resume``: continue from the last complete checkpoint, if any, after checking the
+    configuration against ``config.yaml`` and the checkpoint. Nothing is written (and ``before_write`` not called)
+    until the experiment is built and the checkpoint restored into it. Returns the results."""
+    from .checkpoint import check_config, check_free_space, check_saved_config, load_latest, save_checkpoint
     from .engine import Experiment
+    from .runfolder import checkpoints_dir, clear_checkpoints, saved_config
 
     main = distributed.is_main()
-    _setup_logging(out / "run.log" if main else None, quiet or not main)
+    buffer = _setup_logging(quiet or not main)
+    distributed.on_main(lambda: checkpoints_dir(out))
+    if resume:  # the configuration check always runs, checkpoints or not
+        distributed.on_main(lambda: (saved := saved_config(out)) is None or check_saved_config(saved, out, config))
     checkpoint = load_latest(out) if resume else None
     if checkpoint is not None:
         check_config(checkpoint, config)  # before anything is written or built
     elif resume:
+        finished = distributed.on_main(lambda: _finished_results(out))
+        if distributed.broadcast_bytes(b"1" if finished else None):
+            log.info("--resume: the run in %s is finished and has no checkpoint: nothing to do", out)
+            return finished or {}
         log.info("--resume: no checkpoint in %s yet, starting from scratch", out)
-    if main:
-        if checkpoint is None:
-            clear_checkpoints(out)  # never resume later from an older run's checkpoints
-        write_yaml(out / "config.yaml", to_dict(config))
     log.info("run %s (method %s, seed %d) -> %s", config.benchmark, config.method, config.seed, out)
     experiment = Experiment(config, progress=config.train.progress and not quiet and main)
-    distributed.on_main(lambda: check_free_space(out, experiment.learner.estimate_state_bytes()))
     if checkpoint is not None:
-        experiment.restore(checkpoint)
-    if main:
+        experiment.restore(checkpoint)  # refuses other data
+    space = next((p for p in (out, *out.absolute().parents) if p.exists()), Path.cwd())
+    distributed.on_main(lambda: check_free_space(space, experiment.learner.estimate_state_bytes()))
+    if main:  # the run starts: from here on it writes
+        if before_write is not None:
+            before_write()
+        out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            clear_checkpoints(out)  # never resume later from an older run's checkpoints (only inflora's files)
+        write_yaml(out / "config.yaml", to_dict(config))
+        _log_to_file(out / "run.log", buffer)
         experiment.on_task_end.append(lambda e: save_checkpoint(out, e.state, e.learner.state_dict(), e.config,
-                                                               e.num_tasks, cuda=e.device.type == "cuda"))
+                                                               e.num_tasks, cuda=e.device.type == "cuda",
+                                                               data=e.fingerprint))
     results = experiment.run()
     if main:
         write_json(out / "results.json", results)
     return results
 
 
+def _interrupted(target: Path | None) -> str:
+    """What to tell after Ctrl-C: where the run stopped and how to continue it."""
+    from .checkpoint import _read_latest_name
+    from .runfolder import CHECKPOINTS
+
+    if target is None:
+        return "inflora: interrupted before the run started"
+    name = _read_latest_name(target / CHECKPOINTS) if (target / CHECKPOINTS).is_dir() else None
+    kept = f"the last complete checkpoint is {target / CHECKPOINTS / name}" if name else "no checkpoint was written yet"
+    return f"inflora: interrupted; {kept}: run the same command with --resume (--out {target}) to continue"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from .runfolder import clear_run, remove_empty_folders
+
     overrides = list(args.set or [])
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
@@ -107,16 +187,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds) or [config.seed]
     distributed.init_from_env(config.train.device)  # under torchrun: join the other ranks
     finished = False
+    created: list[Path] = []
+    target: Path | None = None
+    main = distributed.is_main()
     try:
-        main = distributed.is_main()
         out = Path(distributed.broadcast_bytes(str(Path(args.out) if args.out else default_out(config)).encode())
                    .decode())
-        distributed.on_main(lambda: check_out_dir(out, args.resume, args.overwrite))
+        created = distributed.on_main(lambda: check_out_dir(out, args.resume, args.overwrite)) or []
+        clear: Callable[[], None] | None = (lambda: clear_run(out)) if args.overwrite else None
         all_results = []
         for seed in seeds:
             config.seed = seed
             target = out if len(seeds) == 1 else out / f"seed_{seed}"
-            results = run_one(config, target, args.resume, args.quiet)
+            results = run_one(config, target, args.resume, args.quiet, before_write=clear)
+            clear = None  # --overwrite cleared the folder once, when the first run started
             all_results.append(results)
             if main:
                 print(format_table(results))
@@ -128,7 +212,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if main:
             print(f"results in {out}")
         finished = True
+    except KeyboardInterrupt:
+        if main:
+            print(_interrupted(target), file=sys.stderr)
+        return 130
     finally:
+        if not finished and main:
+            remove_empty_folders(created)  # a failed start-up leaves no folder behind
         distributed.shutdown(clean=finished)
     return 0
 

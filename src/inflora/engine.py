@@ -15,6 +15,7 @@ from .checkpoint import Checkpoint, CheckpointError, check_config, restore_rng
 from .classifiers import CLASSIFIERS, ClassLayout
 from .config import ConfigError, RunConfig, to_dict
 from .data import ContinualDataset, Scenario, class_incremental, domain_incremental, load_dataset
+from .data.fingerprint import fingerprint_differences, scenario_fingerprint
 from .evaluation import evaluate
 from .learners import LEARNERS, Learner, LearnerSetup, TaskContext
 from .results import RunState, build_results
@@ -58,6 +59,7 @@ class Experiment:
         seed_everything(config.seed)
         self.dataset: ContinualDataset = load_dataset(config.data.name, config.data.data_dir, **config.data.options)
         self.scenario: Scenario = build_scenario(config, self.dataset)
+        self.fingerprint = scenario_fingerprint(self.dataset, self.scenario)
         self.backbone: Backbone = build_model(config, self.dataset.modality)
         if self.backbone.modality != self.dataset.modality:
             raise ValueError(f"backbone {config.model.backbone!r} reads {self.backbone.modality} inputs but dataset "
@@ -130,6 +132,7 @@ class Experiment:
         :meth:`run` then continues at the next task."""
         check_config(checkpoint, self.config)
         meta = checkpoint.meta
+        self.check_data(checkpoint)
         if self.state.tasks_done or self.learner.tasks_done:
             raise RuntimeError("restore needs a freshly built experiment")
         if meta["num_tasks"] != self.num_tasks:
@@ -143,11 +146,24 @@ class Experiment:
             raise CheckpointError(f"checkpoint {checkpoint.path} does not fit this run: {exc}") from exc
         log.info("resumed from %s: %d of %d tasks done", checkpoint.path, self.state.tasks_done, self.num_tasks)
 
+    def check_data(self, checkpoint: Checkpoint) -> None:
+        """Refuse to resume ``checkpoint`` on data other than the data it was trained on (where the data lives
+        may differ)."""
+        saved = checkpoint.meta.get("data")
+        if saved is None:
+            log.warning("%s predates data fingerprints: the data cannot be checked", checkpoint.path)
+            return
+        differ = fingerprint_differences(saved, self.fingerprint)
+        if differ:
+            raise ConfigError(f"cannot resume {checkpoint.path} on different data ({'; '.join(differ)}): resume with "
+                              "the data the run started with (data.data_dir may change, the data may not) or start "
+                              "a new run in another --out")
+
     def results(self) -> dict[str, Any]:
         header = {"method": self.config.method, "classifier": self.config.classifier,
                   "benchmark": self.config.benchmark, "seed": self.config.seed, "num_tasks": self.num_tasks,
                   "eval_split": self.config.scenario.eval_split,
                   "classes_per_task": [len(t.classes) for t in self.scenario.tasks],
                   "class_order": [self.dataset.class_names[c] for c in self.scenario.class_order],
-                  "device": str(self.device), "config": to_dict(self.config)}
+                  "device": str(self.device), "data_fingerprint": self.fingerprint, "config": to_dict(self.config)}
         return build_results(self.state, self.data.eval_counts(), header)

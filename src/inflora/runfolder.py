@@ -1,0 +1,161 @@
+"""The run folder: what inflora writes into it, and removing exactly that.
+
+``--overwrite`` and a fresh start remove only files inflora wrote, recognised by their exact names (``results.json``,
+``config.yaml``, ``run.log``, ``summary.json``, ``seed_N/`` run folders, and inside ``checkpoints/``: ``latest``,
+``task_NNN/{state.json,tensors.safetensors}``, ``.tmp-task_NNN-PID/`` and the temporary files of atomic writes).
+Anything else stays, and a folder that still holds something else stays too. Nothing is ever followed through a
+symlink: a ``checkpoints`` link, or a ``checkpoints`` folder that resolves outside the run folder, is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "state.json"
+TENSOR_FILE = "tensors.safetensors"
+CONFIG_FILE = "config.yaml"
+RUN_FILES = ("results.json", CONFIG_FILE, "run.log", "summary.json", ".write-test")
+TASK_DIR = re.compile(r"task_\d+")
+TMP_TASK_DIR = re.compile(r"\.tmp-task_\d+-\d+")
+SEED_DIR = re.compile(r"seed_-?\d+")
+
+
+def _atomic_tmp(name: str) -> re.Pattern[str]:
+    """The temporary file of ``results.atomic_write_text`` for ``name``."""
+    return re.compile(rf"\.{re.escape(name)}\.tmp\d+")
+
+
+def _is_plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _is_plain_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def checkpoints_dir(out: Path) -> Path:
+    """``out/checkpoints``; refuses a symlink, a non-folder, or a folder that resolves outside ``out``."""
+    out = Path(out)
+    root = out / CHECKPOINTS
+    if root.is_symlink():
+        raise ConfigError(f"{root} is a symlink (to {os.readlink(root)}): inflora never reads, writes or deletes "
+                          "checkpoints through a symlink; remove the link or choose another --out")
+    if root.exists():
+        if not root.is_dir():
+            raise ConfigError(f"{root} exists and is not a folder: move it away or choose another --out")
+        if not root.resolve().is_relative_to(out.resolve()):
+            raise ConfigError(f"{root} resolves to {root.resolve()}, outside the run folder {out}: move it away or "
+                              "choose another --out")
+    return root
+
+
+def check_run_folder(out: Path) -> None:
+    """Refuse (before anything is built or deleted) a run folder, or a ``seed_N`` folder in it, whose checkpoints
+    are a symlink or lead outside it."""
+    out = Path(out)
+    if not _is_plain_dir(out):
+        return
+    checkpoints_dir(out)
+    for child in out.iterdir():
+        if SEED_DIR.fullmatch(child.name) and _is_plain_dir(child):
+            checkpoints_dir(child)
+
+
+def remove_checkpoint_folder(folder: Path) -> bool:
+    """Remove a ``task_NNN`` (or temporary) checkpoint folder: its two files, then the folder if nothing else is in
+    it. Never follows a symlink. Returns whether the folder is gone."""
+    if folder.is_symlink() or not folder.exists():
+        return not folder.exists() and not folder.is_symlink()
+    if not folder.is_dir():
+        return False
+    for name in (STATE_FILE, TENSOR_FILE):
+        if _is_plain_file(folder / name):
+            (folder / name).unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _remove_if_ours(folder: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if _is_plain_file(folder / name):
+            (folder / name).unlink()
+    tmps = [_atomic_tmp(name) for name in names]
+    for child in folder.iterdir():
+        if _is_plain_file(child) and any(t.fullmatch(child.name) for t in tmps):
+            child.unlink()
+
+
+def clear_checkpoints(out: Path) -> None:
+    """Remove the checkpoints inflora wrote into ``out/checkpoints`` (a fresh run must never be resumed from an
+    older run's checkpoint); other files stay, and so does the folder when it still holds any."""
+    root = checkpoints_dir(out)
+    if not _is_plain_dir(root):
+        return
+    _remove_if_ours(root, (LATEST,))
+    for child in root.iterdir():
+        if TASK_DIR.fullmatch(child.name) or TMP_TASK_DIR.fullmatch(child.name):
+            remove_checkpoint_folder(child)
+    _rmdir_if_empty(root)
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def clear_run(out: Path) -> None:
+    """What an earlier inflora run wrote into ``out`` (``--overwrite``): its results, config, log, summary,
+    checkpoints and ``seed_N`` run folders; nothing else. ``out`` itself stays."""
+    out = Path(out)
+    if not _is_plain_dir(out):
+        return
+    check_run_folder(out)
+    for child in out.iterdir():
+        if SEED_DIR.fullmatch(child.name) and _is_plain_dir(child):
+            clear_run(child)
+            _rmdir_if_empty(child)
+    clear_checkpoints(out)
+    _remove_if_ours(out, RUN_FILES)
+
+
+def remove_empty_folders(created: list[Path]) -> None:
+    """Remove the folders a failed start-up created (deepest first), as long as they are empty."""
+    for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
+        _rmdir_if_empty(folder)
+
+
+def missing_folders(out: Path) -> list[Path]:
+    """``out`` and those of its parents that do not exist yet (what creating ``out`` would create)."""
+    out = Path(out).absolute()
+    created = []
+    while not out.exists() and not out.is_symlink() and out != out.parent:
+        created.append(out)
+        out = out.parent
+    return created
+
+
+def saved_config(out: Path) -> dict[str, Any] | None:
+    """The resolved config an earlier run wrote into ``out/config.yaml``, or None when there is none."""
+    path = Path(out) / CONFIG_FILE
+    if not _is_plain_file(path):
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}): restore it, or start a new run in another --out") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a resolved config: restore it, or start a new run in another --out")
+    return data
