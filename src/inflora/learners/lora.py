@@ -18,10 +18,6 @@ from ..runtime import Purpose, derive_seed
 from . import register_learner
 from .base import Learner, LearnerSetup, TaskContext
 
-STATS_PRODUCTS = torch.float32
-"""Each batch's input products in float32 (the activations' precision), summed in float64: half the cost of
-float64 products on a CPU; the reference accumulates in float32 throughout."""
-
 
 def _preset(options: TargetOptions, backbone: nn.Module) -> str | None:
     return None if options.targets else (options.preset or getattr(backbone, "adapter_preset", None))
@@ -66,7 +62,7 @@ class InfLoRALearner(Learner):
         """Input statistics of ``batches`` (eval mode, no gradients), timed into ``key``."""
         with self.runtime.timer(self.task_diagnostics, key), torch.no_grad():
             self.train_mode(False)
-            with StatsCollector(self.adapter, product_dtype=STATS_PRODUCTS) as collector:
+            with StatsCollector(self.adapter) as collector:
                 for inputs, _ in batches:
                     collector.set_mask(attention_mask_of(inputs))
                     with self.runtime.autocast():
@@ -87,8 +83,7 @@ class InfLoRALearner(Learner):
         """One pass over all of the task's training samples that feeds both the classifier (features) and the
         memory (input statistics); only the hooks' time counts as InfLoRA's."""
         self.train_mode(False)
-        with self.runtime.timer(self.task_diagnostics, "features_s"), \
-                StatsCollector(self.adapter, product_dtype=STATS_PRODUCTS) as collector:
+        with self.runtime.timer(self.task_diagnostics, "features_s"), StatsCollector(self.adapter) as collector:
             for inputs, labels in ctx.feature_pass():
                 collector.set_mask(attention_mask_of(inputs))
                 with self.runtime.autocast():
