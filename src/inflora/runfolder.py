@@ -62,13 +62,17 @@ def checkpoints_dir(out: Path) -> Path:
 def check_run_folder(out: Path) -> None:
     """Refuse (before anything is built or deleted) a run folder, or a ``seed_N`` folder in it, whose checkpoints
     are a symlink or lead outside it."""
+    for folder in _run_folders(out):
+        checkpoints_dir(folder)
+
+
+def _run_folders(out: Path) -> list[Path]:
+    """``out`` and its ``seed_N`` run folders, seed folders first (plain folders only, never through a symlink;
+    none when ``out`` is not a plain folder)."""
     out = Path(out)
     if not _is_plain_dir(out):
-        return
-    checkpoints_dir(out)
-    for child in out.iterdir():
-        if SEED_DIR.fullmatch(child.name) and _is_plain_dir(child):
-            checkpoints_dir(child)
+        return []
+    return [*(c for c in out.iterdir() if SEED_DIR.fullmatch(c.name) and _is_plain_dir(c)), out]
 
 
 def remove_checkpoint_folder(folder: Path) -> bool:
@@ -119,16 +123,12 @@ def _rmdir_if_empty(folder: Path) -> None:
 def clear_run(out: Path) -> None:
     """What an earlier inflora run wrote into ``out`` (``--overwrite``): its results, config, log, summary,
     checkpoints and ``seed_N`` run folders; nothing else. ``out`` itself stays."""
-    out = Path(out)
-    if not _is_plain_dir(out):
-        return
     check_run_folder(out)
-    for child in out.iterdir():
-        if SEED_DIR.fullmatch(child.name) and _is_plain_dir(child):
-            clear_run(child)
-            _rmdir_if_empty(child)
-    clear_checkpoints(out)
-    _remove_if_ours(out, RUN_FILES)
+    for folder in _run_folders(out):
+        clear_checkpoints(folder)
+        _remove_if_ours(folder, RUN_FILES)
+        if folder != Path(out):
+            _rmdir_if_empty(folder)
 
 
 def remove_empty_folders(created: list[Path]) -> None:
