@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inflora import distributed
+from inflora import distributed, runtime
 from inflora.cli import main
 from inflora.config import ConfigError, load_config
 from inflora.engine import Experiment
@@ -78,7 +78,7 @@ def test_helpers_are_no_ops_in_one_process() -> None:
 
 
 def test_global_batch_must_split_evenly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(runtime, "world_size", lambda: 2)  # what Runtime.create reads
     config = load_config(None, ["train.batch_size=7", f"data.data_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"batch_size=7 is the global batch.*divisible.*\(2\)"):
         Experiment(config)
@@ -140,11 +140,11 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    monkeypatch.setattr(distributed, "local_rank", lambda: 1)
+    monkeypatch.setattr(runtime, "is_distributed", lambda: True)
+    monkeypatch.setattr(runtime, "local_rank", lambda: 1)
     with pytest.raises(ValueError, match=r"LOCAL_RANK 1 but only 1 GPU.*train\.device=cpu"):
         resolve_device("auto")
-    monkeypatch.setattr(distributed, "local_rank", lambda: 0)
+    monkeypatch.setattr(runtime, "local_rank", lambda: 0)
     assert resolve_device("auto") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="names one GPU"):
         resolve_device("cuda:0")

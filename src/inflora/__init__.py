@@ -1,6 +1,5 @@
 """InfLoRA: interference-free low-rank adaptation for continual learning on pre-trained transformers."""
 
-from . import classifiers, learners  # noqa: F401  (registers the methods and classifiers with the config)
 from .adapter import (
     PRESETS,
     InfLoRAAdapter,
@@ -15,8 +14,7 @@ from .adapter import (
 )
 from .classifiers import CLASSIFIERS, Classifier, ClassLayout, register_classifier
 from .learners import LEARNERS, Learner, LearnerSetup, StepOutput, TaskContext, register_learner
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "CLASSIFIERS",

@@ -37,8 +37,8 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from . import distributed
 from .config import ConfigError, RunConfig, to_dict
+from .distributed import broadcast_bytes, on_main
 from .faults import fault
 from .results import RunState, atomic_write_text
 from .runfolder import LATEST, STATE_FILE, TASK_DIR, TENSOR_FILE, checkpoints_dir, remove_checkpoint_folder
@@ -306,12 +306,12 @@ def load_latest(out: Path) -> Checkpoint | None:
     """The last complete checkpoint of the run in ``out`` (without ``latest``: the newest that verifies), or None
     when it has none yet. Under torchrun, rank 0 reads the files and sends their bytes to the other ranks (no shared
     file system needed)."""
-    found = distributed.on_main(lambda: _read_files(out))
-    folder_text = distributed.broadcast_bytes(str(found[0]).encode() if found else None).decode()
+    found = on_main(lambda: _read_files(out))
+    folder_text = broadcast_bytes(str(found[0]).encode() if found else None).decode()
     if not folder_text:
         return None
-    state_bytes = distributed.broadcast_bytes(found[1] if found else None)
-    tensor_bytes = distributed.broadcast_bytes(found[2] if found else None)
+    state_bytes = broadcast_bytes(found[1] if found else None)
+    tensor_bytes = broadcast_bytes(found[2] if found else None)
     return _parse(Path(folder_text), state_bytes, tensor_bytes)
 
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import distributed
 from .config import ConfigError, RunConfig, describe_fields, list_presets, load_config, to_dict
+from .distributed import broadcast_bytes, init_from_env, is_main, on_main, shutdown
 from .results import format_seeds, format_table, seeds_summary, write_json, write_yaml
 
 log = logging.getLogger("inflora")
@@ -128,17 +128,17 @@ def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool,
     from .engine import Experiment
     from .runfolder import checkpoints_dir, clear_checkpoints, saved_config
 
-    main = distributed.is_main()
+    main = is_main()
     buffer = _setup_logging(quiet or not main)
-    distributed.on_main(lambda: checkpoints_dir(out))
+    on_main(lambda: checkpoints_dir(out))
     if resume:  # the configuration check always runs, checkpoints or not
-        distributed.on_main(lambda: (saved := saved_config(out)) is None or check_saved_config(saved, out, config))
+        on_main(lambda: (saved := saved_config(out)) is None or check_saved_config(saved, out, config))
     checkpoint = load_latest(out) if resume else None
     if checkpoint is not None:
         check_config(checkpoint, config)  # before anything is written or built
     elif resume:
-        finished = distributed.on_main(lambda: _finished_results(out))
-        if distributed.broadcast_bytes(b"1" if finished else None):
+        finished = on_main(lambda: _finished_results(out))
+        if broadcast_bytes(b"1" if finished else None):
             log.info("--resume: the run in %s is finished and has no checkpoint: nothing to do", out)
             return finished or {}
         log.info("--resume: no checkpoint in %s yet, starting from scratch", out)
@@ -147,7 +147,7 @@ def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool,
     if checkpoint is not None:
         experiment.restore(checkpoint)  # refuses other data
     space = next((p for p in (out, *out.absolute().parents) if p.exists()), Path.cwd())
-    distributed.on_main(lambda: check_free_space(space, experiment.learner.estimate_state_bytes()))
+    on_main(lambda: check_free_space(space, experiment.learner.estimate_state_bytes()))
     if main:  # the run starts: from here on it writes
         if before_write is not None:
             before_write()
@@ -185,15 +185,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"data.data_dir={args.data_dir}")
     config = load_config(args.preset, overrides)
     seeds = _parse_seeds(args.seeds) or [config.seed]
-    distributed.init_from_env(config.train.device)  # under torchrun: join the other ranks
+    init_from_env(config.train.device)  # under torchrun: join the other ranks
     finished = False
     created: list[Path] = []
     target: Path | None = None
-    main = distributed.is_main()
+    main = is_main()
     try:
-        out = Path(distributed.broadcast_bytes(str(Path(args.out) if args.out else default_out(config)).encode())
+        out = Path(broadcast_bytes(str(Path(args.out) if args.out else default_out(config)).encode())
                    .decode())
-        created = distributed.on_main(lambda: check_out_dir(out, args.resume, args.overwrite)) or []
+        created = on_main(lambda: check_out_dir(out, args.resume, args.overwrite)) or []
         clear: Callable[[], None] | None = (lambda: clear_run(out)) if args.overwrite else None
         all_results = []
         for seed in seeds:
@@ -219,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if not finished and main:
             remove_empty_folders(created)  # a failed start-up leaves no folder behind
-        distributed.shutdown(clean=finished)
+        shutdown(clean=finished)
     return 0
 
 

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
-if TYPE_CHECKING:
-    from .learners import Learner, TaskContext
 
 T = TypeVar("T")
 
@@ -138,33 +134,3 @@ def on_main(fn: Callable[[], T]) -> T | None:
 
 class RankError(ValueError):
     """An error raised on rank 0 (reported there) and re-raised on the other ranks."""
-
-
-class TaskStep(nn.Module):
-    """One training step of the current task as a module: the learner's step, its loss scaled by ``weight``.
-
-    The trainable parameters change every task (a new branch and head), so the training loop wraps a fresh
-    ``TaskStep`` in :class:`~torch.nn.parallel.DistributedDataParallel` each task; DDP then averages the gradients
-    of exactly that task's parameters. The step's logged figures are kept in ``last_logs``.
-    """
-
-    def __init__(self, learner: Learner, ctx: TaskContext) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(learner.modules())
-        self.learner = learner
-        self.ctx = ctx
-        self.last_logs: dict[str, Any] = {}
-
-    def forward(self, inputs: Any, labels: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-        out = self.learner.training_step(inputs, labels, self.ctx)
-        self.last_logs = out.logs
-        return out.loss if weight == 1.0 else out.loss * weight
-
-
-def wrap_ddp(step: TaskStep, device: torch.device) -> nn.Module:
-    """``step`` in DDP when distributed, else unchanged."""
-    if not is_distributed():
-        return step
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from . import metrics
 from .backbones import Backbone, build_backbone
 from .checkpoint import Checkpoint, CheckpointError, check_config, restore_rng
 from .classifiers import CLASSIFIERS, ClassLayout
@@ -18,6 +17,7 @@ from .data import ContinualDataset, Scenario, class_incremental, domain_incremen
 from .data.fingerprint import fingerprint_differences, scenario_fingerprint
 from .evaluation import evaluate
 from .learners import LEARNERS, Learner, LearnerSetup, TaskContext
+from .metrics import accuracy_after
 from .results import RunState, build_results
 from .runtime import Purpose, Runtime, derive_seed, seed_everything
 from .taskdata import TaskData
@@ -123,7 +123,7 @@ class Experiment:
         self.state.add_task(row, til, tid, timings, diagnostics)
         log.info("task %d: accuracy on seen tasks %s (mean %.2f); train %.1fs, method-specific work %.1f%%",
                  task + 1, " ".join(f"{a:.1f}" for a in row),
-                 metrics.accuracy_after(self.state.accuracy, task, self.data.eval_counts()[: task + 1]),
+                 accuracy_after(self.state.accuracy, task, self.data.eval_counts()[: task + 1]),
                  timings["train_s"], 100 * timings["method_share"])
 
     # ------------------------------------------------------------------------------------------ state

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
 from .classifiers import ClassLayout
+from .distributed import all_reduce_sum
 from .learners import Learner
 from .taskdata import TaskData
 
@@ -36,7 +36,7 @@ def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int
         hit_tid = layout.same_task(pred, tasks)
         for row, flags in enumerate((hit, hit_til, hit_tid, torch.ones_like(hit))):
             counts[row].index_add_(0, tasks, flags.long())
-    counts = distributed.all_reduce_sum(counts.cpu())
+    counts = all_reduce_sum(counts.cpu())
     total = counts[3].clamp(min=1).double()
     row, til, tid = ((100.0 * counts[k].double() / total).tolist() for k in range(3))
     return row, til, tid

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from . import distributed
+from .distributed import rank
 
 FAULT_ENV = "INFLORA_FAULT"
 FAULT_EXIT_CODE = 87
@@ -29,7 +29,7 @@ def fault(point: str, **context: object) -> str | None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
-    context = {"rank": distributed.rank(), **context}
+    context = {"rank": rank(), **context}
     for item in spec.split(","):
         name, *parts = item.strip().split(":")
         if name != point:

@@ -10,8 +10,7 @@ from typing import Any
 
 import yaml
 
-from . import metrics
-from .metrics import mean_std
+from .metrics import accuracy_after, mean_std, summarize
 
 SUMMARY_KEYS = ("final_accuracy", "average_accuracy", "final_accuracy_task_avg", "average_accuracy_task_avg",
                 "forgetting", "backward_transfer", "task_il_accuracy", "task_id_accuracy")
@@ -44,7 +43,7 @@ def build_results(state: RunState, counts: list[int], header: dict[str, Any]) ->
     metrics (:func:`inflora.metrics.summarize`), accuracy after each task, timings and diagnostics."""
     counts = counts[: state.tasks_done]
     s = state
-    summary = metrics.summarize(s.accuracy, counts, task_il=s.task_il, task_id=s.task_id) if s.accuracy else {}
+    summary = summarize(s.accuracy, counts, task_il=s.task_il, task_id=s.task_id) if s.accuracy else {}
     config = header.pop("config", None)
     return {
         **header,
@@ -54,7 +53,7 @@ def build_results(state: RunState, counts: list[int], header: dict[str, Any]) ->
         "task_il_matrix": s.task_il,
         "task_id_matrix": s.task_id,
         **summary,
-        "accuracy_after_task": [metrics.accuracy_after(s.accuracy, t, counts) for t in range(s.tasks_done)],
+        "accuracy_after_task": [accuracy_after(s.accuracy, t, counts) for t in range(s.tasks_done)],
         "timings": s.timings,
         "diagnostics": s.diagnostics,
         "config": config,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import distributed
+from .distributed import is_distributed, local_rank, rank, world_size
 
 SEED_MODULUS = 2**63
 
@@ -57,11 +57,11 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N): {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available")
-    if device.type == "cuda" and distributed.is_distributed():
+    if device.type == "cuda" and is_distributed():
         if device.index is not None:
             raise ValueError(f"train.device={name!r} names one GPU; under torchrun use auto or cuda (each rank "
                              "takes the GPU of its LOCAL_RANK)")
-        rank, count = distributed.local_rank(), torch.cuda.device_count()
+        rank, count = local_rank(), torch.cuda.device_count()
         if rank >= count:
             raise ValueError(f"train.device={name!r}: this process has LOCAL_RANK {rank} but only {count} GPU(s) are "
                              "visible; start at most one process per GPU (torchrun --nproc_per_node) or use "
@@ -82,8 +82,8 @@ class Runtime:
     @classmethod
     def create(cls, device: str = "auto", amp: bool = True) -> Runtime:
         resolved = resolve_device(device)
-        return cls(resolved, amp=amp and resolved.type == "cuda", rank=distributed.rank(),
-                   world_size=distributed.world_size())
+        return cls(resolved, amp=amp and resolved.type == "cuda", rank=rank(),
+                   world_size=world_size())
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """bfloat16 autocast when ``amp`` (CUDA only), else a no-op."""

@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
 from .batches import batch_size_of, move_to
+from .distributed import all_reduce_sum, is_distributed
 from .faults import fault
 from .learners import Learner, TaskContext
 from .runtime import Purpose, derive_seed
@@ -24,6 +25,36 @@ class TrainingDiverged(RuntimeError):
         super().__init__(f"loss is {loss} at task {task}, epoch {epoch}, step {step}: training diverged "
                          "(try a lower learning rate); the last complete task's checkpoint is kept")
         self.task, self.epoch, self.step = task, epoch, step
+
+
+class TaskStep(nn.Module):
+    """One training step of the current task as a module: the learner's step, its loss scaled by ``weight``.
+
+    The trainable parameters change every task (a new branch and head), so the training loop wraps a fresh
+    ``TaskStep`` in :class:`~torch.nn.parallel.DistributedDataParallel` each task; DDP then averages the gradients
+    of exactly that task's parameters. The step's logged figures are kept in ``last_logs``.
+    """
+
+    def __init__(self, learner: Learner, ctx: TaskContext) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(learner.modules())
+        self.learner = learner
+        self.ctx = ctx
+        self.last_logs: dict[str, Any] = {}
+
+    def forward(self, inputs: Any, labels: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        out = self.learner.training_step(inputs, labels, self.ctx)
+        self.last_logs = out.logs
+        return out.loss if weight == 1.0 else out.loss * weight
+
+
+def wrap_ddp(step: TaskStep, device: torch.device) -> nn.Module:
+    """``step`` in DDP when distributed, else unchanged."""
+    if not is_distributed():
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def reference_cosine(epoch: int, epochs: int) -> float:
@@ -62,7 +93,7 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
     learner.note_groups(groups)
     optimiser = make_optimizer(train, groups)
     indices = data.train_indices(learner.training_tasks(task))
-    step_module = distributed.wrap_ddp(distributed.TaskStep(learner, ctx), runtime.device)
+    step_module = wrap_ddp(TaskStep(learner, ctx), runtime.device)
     learner.train_mode(True)
     runtime.sync()
     start = time.perf_counter()
@@ -83,7 +114,7 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
                 loss = loss * float("nan")
             value = float(loss.detach())
             if runtime.world_size > 1:  # the global batch's mean loss, so every rank stops together
-                value = float(distributed.all_reduce_sum(loss.detach().double().reshape(1))) / runtime.world_size
+                value = float(all_reduce_sum(loss.detach().double().reshape(1))) / runtime.world_size
             if not math.isfinite(value):
                 raise TrainingDiverged(task, epoch, step, value)
             optimiser.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 
 import torch
 from torch import nn
@@ -16,27 +16,12 @@ from .checks import check_state
 from .design import design_down
 from .memory import SubspaceMemory, threshold
 from .options import InfLoRAConfig
+from .site import Site
 from .targets import find_sites
 
 log = logging.getLogger("inflora")
 
 STATE_FORMAT = 1
-
-
-@dataclass
-class Site:
-    """A group of adapted layers sharing one input: its memory and its designed down-projections."""
-
-    name: str
-    layers: list[tuple[str, LoRALinear]]
-    dim: int
-    block: int | None
-    memory: SubspaceMemory
-    downs: list[torch.Tensor]
-
-    @property
-    def stats_layer(self) -> LoRALinear:
-        return self.layers[0][1]
 
 
 class InfLoRAAdapter:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .adapter import Site
+    from .site import Site
 
 
 def check_state(state: Mapping[str, torch.Tensor], meta: dict[str, Any], sites: Sequence[Site]) -> tuple[int, bool]:

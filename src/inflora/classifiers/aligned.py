@@ -10,12 +10,11 @@ from typing import Any
 
 import torch
 
-from .. import distributed
 from ..alignment import ClassStatistics, align_linear
 from ..config import opt
+from ..distributed import all_reduce_sum, world_size
 from ..runtime import Purpose, derive_seed
-from . import register_classifier
-from .base import ClassLayout
+from .base import ClassLayout, register_classifier
 from .linear import LinearHeads, LinearOptions
 
 
@@ -59,7 +58,7 @@ class AlignedHeads(LinearHeads):
         self._shard: ClassStatistics | None = None
 
     def observe(self, features: torch.Tensor, labels: torch.Tensor, task: int) -> None:
-        if distributed.world_size() > 1:  # this rank's share; summed over ranks in end_task
+        if world_size() > 1:  # this rank's share; summed over ranks in end_task
             if self._shard is None:
                 self._shard = ClassStatistics(self.feature_dim, self.device)
             self._shard.add(features, labels, task)
@@ -77,7 +76,7 @@ class AlignedHeads(LinearHeads):
                 row[0] = shard.counts[c]
                 row[1 : 1 + d] = shard.sums[c]
                 row[1 + d :] = shard.outer[c].flatten()
-        distributed.all_reduce_sum(packed)
+        all_reduce_sum(packed)
         for row, c in zip(packed, classes, strict=True):
             if row[0] > 0:
                 self.stats.add_moments(c, int(row[0]), row[1 : 1 + d], row[1 + d :].reshape(d, d), task)
@@ -85,7 +84,7 @@ class AlignedHeads(LinearHeads):
     def end_task(self, task: int, seed: int) -> dict[str, Any]:
         start = time.perf_counter()
         layout = self.layout
-        if distributed.world_size() > 1:
+        if world_size() > 1:
             first = layout.offset(task)
             self._reduce_shard(list(range(first, first + layout.task_sizes[task])), task)
         if task == 0 and layout.kind == "class":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from ..config import register_choice
 from ..registry import Registry
 
 
@@ -122,3 +123,15 @@ class Classifier(nn.Module):
 
 
 CLASSIFIERS: Registry[type[Classifier]] = Registry("classifier")
+
+
+def register_classifier(name: str) -> Callable[[type[Classifier]], type[Classifier]]:
+    """Class decorator registering a classifier (and its ``options_type`` as the config section ``name``)."""
+
+    def deco(cls: type[Classifier]) -> type[Classifier]:
+        CLASSIFIERS.add(name, cls)
+        cls.name = name
+        register_choice("classifier", name, cls.options_type)
+        return cls
+
+    return deco

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..config import opt
-from . import register_classifier
-from .base import Classifier, ClassLayout
+from .base import Classifier, ClassLayout, register_classifier
 
 
 @dataclass

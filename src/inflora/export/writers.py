@@ -18,8 +18,18 @@ from torch import nn
 
 from ..backbones import Backbone, HFTextBackbone, TimmBackbone
 from ..lora import merged_copy
-from . import format as fmt
-from .format import ExportError, folder_digests, read_manifest
+from .format import (
+    _TIMM_LOAD_ONLY,
+    CLASS_NAMES_FILE,
+    CLASSIFIER_FILE,
+    EXPORT_FORMAT,
+    MANIFEST_FILE,
+    TIMM_WEIGHTS_FILE,
+    VERIFY_TOLERANCE,
+    ExportError,
+    folder_digests,
+    read_manifest,
+)
 from .loaded import ExportedModel
 
 
@@ -77,7 +87,7 @@ def _save_timm(backbone: TimmBackbone, merged: nn.Module, weight: torch.Tensor, 
     import timm
     from safetensors.torch import save_file
 
-    kwargs = {k: v for k, v in model_kwargs.items() if k not in fmt._TIMM_LOAD_ONLY}
+    kwargs = {k: v for k, v in model_kwargs.items() if k not in _TIMM_LOAD_ONLY}
     kwargs = _json_ready(kwargs, "model.options")
     num_classes = int(weight.shape[0])
     target = timm.create_model(backbone.name, pretrained=False, num_classes=num_classes, **kwargs).eval()
@@ -93,10 +103,10 @@ def _save_timm(backbone: TimmBackbone, merged: nn.Module, weight: torch.Tensor, 
     try:
         _save_for_hf(target, folder, kwargs, _timm_data_config(recipe, img_size))
     except Exception:  # no huggingface_hub or unserialisable args: the weights alone load the documented way
-        save_file({k: v.contiguous() for k, v in target.state_dict().items()}, str(folder / fmt.TIMM_WEIGHTS_FILE))
+        save_file({k: v.contiguous() for k, v in target.state_dict().items()}, str(folder / TIMM_WEIGHTS_FILE))
     return {"kind": "timm", "modality": "image", "model_name": backbone.name, "model_kwargs": kwargs,
             "classifier": head, "transforms": {"recipe": recipe, "img_size": img_size},
-            "files": {"weights": fmt.TIMM_WEIGHTS_FILE}}
+            "files": {"weights": TIMM_WEIGHTS_FILE}}
 
 
 def _save_transformers(backbone: HFTextBackbone, merged: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
@@ -105,7 +115,7 @@ def _save_transformers(backbone: HFTextBackbone, merged: nn.Module, weight: torc
 
     merged.model.save_pretrained(str(folder))
     backbone.tokenizer.save_pretrained(str(folder))
-    save_file({"weight": weight, "bias": bias}, str(folder / fmt.CLASSIFIER_FILE))
+    save_file({"weight": weight, "bias": bias}, str(folder / CLASSIFIER_FILE))
     pooling_dir = folder / "1_Pooling"  # the sentence-transformers pooling note, read by inflora.build_backbone
     pooling_dir.mkdir(exist_ok=True)
     (pooling_dir / "config.json").write_text(json.dumps({
@@ -113,7 +123,7 @@ def _save_transformers(backbone: HFTextBackbone, merged: nn.Module, weight: torc
         "pooling_mode_mean_tokens": backbone.pooling == "mean"}, indent=2))
     return {"kind": "transformers", "modality": "text", "model_name": backbone.name, "pooling": backbone.pooling,
             "normalize": backbone.normalize, "max_length": backbone.max_length,
-            "files": {"classifier": fmt.CLASSIFIER_FILE}}
+            "files": {"classifier": CLASSIFIER_FILE}}
 
 
 def _probe_inputs(backbone: Backbone) -> Any:
@@ -146,7 +156,7 @@ def _prepare_target(to_dir: Path, overwrite: bool) -> set[str]:
     if "sha256" not in manifest:
         raise ExportError(f"refusing to replace {to_dir}: its manifest (format {manifest['format_version']}) does not "
                           "list the files the export wrote; remove the folder yourself or export elsewhere")
-    return {fmt.MANIFEST_FILE, *manifest["sha256"]}
+    return {MANIFEST_FILE, *manifest["sha256"]}
 
 
 def _umask() -> int:
@@ -219,7 +229,7 @@ def export_model(
     the classifier). ``merged``: the plain backbone to write (default: ``backbone`` with its LoRA branches
     folded). Written to a temporary sibling folder, then moved into place. Returns the manifest.
     """
-    from .. import __version__
+    from ..version import __version__
 
     to_dir = Path(to_dir)
     _prepare_target(to_dir, overwrite)  # fail early; checked again when the new files are in place
@@ -241,15 +251,15 @@ def export_model(
             spec = _save_transformers(backbone, merged, weight, bias, tmp)
         else:
             raise ExportError(f"cannot export a {type(backbone).__name__}: only timm and transformers backbones")
-        manifest = {"format": "inflora-export", "format_version": fmt.EXPORT_FORMAT, **spec,
+        manifest = {"format": "inflora-export", "format_version": EXPORT_FORMAT, **spec,
                     "feature_dim": int(backbone.feature_dim), "num_classes": int(weight.shape[0]),
                     **_json_ready(dict(info or {}), "export info"),
-                    "files": {**spec["files"], "class_names": fmt.CLASS_NAMES_FILE},
+                    "files": {**spec["files"], "class_names": CLASS_NAMES_FILE},
                     "library": "inflora", "library_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (tmp / fmt.CLASS_NAMES_FILE).write_text(json.dumps(list(map(str, class_names)), indent=1, ensure_ascii=False))
+        (tmp / CLASS_NAMES_FILE).write_text(json.dumps(list(map(str, class_names)), indent=1, ensure_ascii=False))
         manifest["sha256"] = folder_digests(tmp)  # every file the export wrote, checked on loading
-        (tmp / fmt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         _apply_umask(tmp)
         if verify:
             _verify(backbone, weight, bias, tmp, reference)
@@ -285,6 +295,6 @@ def _verify(backbone: Backbone, weight: torch.Tensor, bias: torch.Tensor, folder
         backbone.train(was_training)
     diff = float((expected.float().cpu() - got).abs().max())
     scale = max(1.0, float(expected.abs().max()))
-    if not math.isfinite(diff) or diff > fmt.VERIFY_TOLERANCE * scale:
+    if not math.isfinite(diff) or diff > VERIFY_TOLERANCE * scale:
         raise ExportError(f"the exported model's logits differ from the source's by {diff:.3g} (tolerance "
-                          f"{fmt.VERIFY_TOLERANCE * scale:.3g}): export aborted")
+                          f"{VERIFY_TOLERANCE * scale:.3g}): export aborted")

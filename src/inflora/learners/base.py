@@ -25,7 +25,9 @@ from torch import nn
 
 from ..batches import call_model
 from ..classifiers import Classifier
+from ..config import register_choice
 from ..lora import merged_copy
+from ..registry import Registry
 from ..runtime import Runtime
 
 Batches = Iterable[tuple[Any, torch.Tensor]]
@@ -231,3 +233,21 @@ class Learner:
             raise RuntimeError("the learner is in the middle of a task: export after the task has ended")
         weight, bias = self.classifier.export_linear(upto)
         return merged_copy(self.backbone), weight, bias
+
+
+LEARNERS: Registry[type[Learner]] = Registry("method")
+
+
+def register_learner(name: str, *, replace: bool = False) -> Callable[[type[Learner]], type[Learner]]:
+    """Class decorator adding a learner to the registry under ``name``; its ``options_type`` (a dataclass with
+    :func:`inflora.config.opt` fields, or None) becomes the config section ``name``."""
+
+    def deco(cls: type[Learner]) -> type[Learner]:
+        if not (isinstance(cls, type) and issubclass(cls, Learner)):
+            raise TypeError(f"register_learner({name!r}) needs a Learner subclass, got {cls!r}")
+        LEARNERS.add(name, cls, replace=replace)
+        cls.name = name
+        register_choice("method", name, cls.options_type)
+        return cls
+
+    return deco

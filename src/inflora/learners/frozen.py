@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from . import register_learner
-from .base import Learner
+from .base import Learner, register_learner
 
 
 @register_learner("frozen")

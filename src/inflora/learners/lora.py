@@ -15,8 +15,7 @@ from ..batches import attention_mask_of
 from ..config import opt
 from ..lora import LoRALinear, kaiming_down, wrap_linears
 from ..runtime import Purpose, derive_seed
-from . import register_learner
-from .base import Learner, LearnerSetup, TaskContext
+from .base import Learner, LearnerSetup, TaskContext, register_learner
 
 
 def _preset(options: TargetOptions, backbone: nn.Module) -> str | None:
