@@ -117,14 +117,14 @@ class Experiment:
             learner.end_task(ctx)
         with rt.timer(timings, "eval_s"):
             row, til, tid = evaluate(learner, self.data, self.layout, task)
-        diagnostics = {**learner.diagnostics(), **({"last_step": trained["logs"]} if trained["logs"] else {})}
-        method_s = float(diagnostics.get("method_s", 0.0))
-        timings["method_share"] = method_s / timings["train_s"] if timings["train_s"] > 0 else 0.0
+        diagnostics = {"trainable_parameters": trained["trainable_parameters"], **learner.diagnostics(),
+                       **({"last_step": trained["logs"]} if trained["logs"] else {})}
+        share = float(diagnostics.get("method_s", 0.0)) / timings["train_s"] if timings["train_s"] > 0 else 0.0
         self.state.add_task(row, til, tid, timings, diagnostics)
         log.info("task %d: accuracy on seen tasks %s (mean %.2f); train %.1fs, method-specific work %.1f%%",
                  task + 1, " ".join(f"{a:.1f}" for a in row),
                  accuracy_after(self.state.accuracy, task, self.data.eval_counts()[: task + 1]),
-                 timings["train_s"], 100 * timings["method_share"])
+                 timings["train_s"], 100 * share)
 
     # ------------------------------------------------------------------------------------------ state
     def restore(self, checkpoint: Checkpoint) -> None:

@@ -44,6 +44,7 @@ def build_results(state: RunState, counts: list[int], header: dict[str, Any]) ->
     counts = counts[: state.tasks_done]
     s = state
     summary = summarize(s.accuracy, counts, task_il=s.task_il, task_id=s.task_id) if s.accuracy else {}
+    header = dict(header)
     config = header.pop("config", None)
     return {
         **header,

@@ -90,7 +90,6 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
-    learner.note_groups(groups)
     optimiser = make_optimizer(train, groups)
     indices = data.train_indices(learner.training_tasks(task))
     step_module = wrap_ddp(TaskStep(learner, ctx), runtime.device)
@@ -126,4 +125,5 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
         p.requires_grad_(False)
     runtime.sync()
     logs = {k: float(v) for k, v in getattr(step_module, "module", step_module).last_logs.items()}
-    return {"train_s": time.perf_counter() - start, "logs": logs}
+    return {"train_s": time.perf_counter() - start, "logs": logs,
+            "trainable_parameters": sum(p.numel() for p in params)}

@@ -33,19 +33,16 @@ class StatsCollector:
 
     Use as a context manager around forward passes of the model the adapter is attached to; call
     :meth:`set_mask` with each text batch's ``attention_mask`` first (padding never counts). Products are summed on
-    the model's device in ``dtype`` (float64 by default); ``product_dtype`` (default ``dtype``) computes each
-    batch's ``X^T X`` in a cheaper type first (float32: the activations' own precision, half the cost of float64
-    on a CPU, a relative error of about 1e-6 per batch sum). No activation is kept. ``seconds`` is the wall time spent
-    inside the hooks (the cost the statistics add to a pass that runs anyway). :meth:`result` all-reduces under
+    the model's device in ``dtype`` (float64 by default); no activation is kept. ``seconds`` is the wall time spent
+    inside the hooks (the cost the statistics add to a pass that runs anyway; on CUDA, where the hooks only queue
+    kernels and no synchronisation is forced for timing, it undercounts). :meth:`result` all-reduces under
     ``torch.distributed`` and returns :class:`InputStats`.
     """
 
-    def __init__(self, adapter: InfLoRAAdapter, dtype: torch.dtype = torch.float64,
-                 product_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, adapter: InfLoRAAdapter, dtype: torch.dtype = torch.float64) -> None:
         device = adapter.device
         self.adapter = adapter
         self.dtype = dtype
-        self.product_dtype = product_dtype or dtype
         self.sums = {s.name: torch.zeros(s.dim, s.dim, dtype=dtype, device=device) for s in adapter.sites.values()}
         self.counts = {s.name: torch.zeros((), dtype=torch.float64, device=device) for s in adapter.sites.values()}
         self.mask: torch.Tensor | None = None
@@ -67,15 +64,9 @@ class StatsCollector:
                         f"of shape {tuple(x.shape)}"
                     )
                 x = x[mask.to(torch.bool)]
-            if self.product_dtype == self.dtype:
-                x = x.reshape(-1, x.shape[-1]).to(self.dtype)
-                self.sums[site].addmm_(x.T, x)
-            else:  # each batch's product in product_dtype, the running sum in dtype
-                x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)
-                self.sums[site] += (x.T @ x).to(self.dtype)
+            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            self.sums[site].addmm_(x.T, x)
             self.counts[site] += x.shape[0]
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
             self.seconds += time.perf_counter() - start
 
         return hook

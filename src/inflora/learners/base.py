@@ -102,7 +102,7 @@ class Learner:
         self.tasks_done = 0
         self.current_task: int | None = None
         self.task_diagnostics: dict[str, Any] = {}
-        self._last_groups: list[dict[str, Any]] | None = None
+        self._backbone_trains: bool | None = None
 
     # ------------------------------------------------------------------------------------------ life cycle
     def begin_task(self, ctx: TaskContext) -> None:
@@ -110,6 +110,7 @@ class Learner:
         self.in_task = True
         self.current_task = ctx.index
         self.task_diagnostics = {}
+        self._backbone_trains = None
         self.classifier.begin_task(ctx.index)
 
     def end_task(self, ctx: TaskContext) -> None:
@@ -127,14 +128,23 @@ class Learner:
         self.in_task = False
         self.tasks_done = ctx.index + 1
 
-    @torch.no_grad()
     def observe(self, batches: Batches, ctx: TaskContext) -> None:
         """Show the classifier the features of ``batches`` (eval mode, no gradients)."""
+        self.feature_pass(batches, lambda f, y: self.classifier.observe(f, y, ctx.index))
+
+    @torch.no_grad()
+    def feature_pass(self, batches: Batches, on_features: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                     before: Callable[[Any], None] | None = None) -> None:
+        """One no-gradient pass in eval mode: ``before(inputs)`` (e.g. hooks reading the attention mask), the
+        features (float32), then ``on_features(features, labels)``."""
         self.train_mode(False)
         for inputs, labels in batches:
+            if before is not None:
+                before(inputs)
             with self.runtime.autocast():
                 features = self.features(inputs)
-            self.classifier.observe(features.float(), labels, ctx.index)
+            if on_features is not None:
+                on_features(features.float(), labels)
 
     def training_tasks(self, task: int) -> list[int]:
         """The tasks whose training data task ``task`` trains on (all so far when ``replays_past``)."""
@@ -156,9 +166,12 @@ class Learner:
             groups.insert(0, {"params": adapter, "lr": train.lr})
         return groups
 
-    @property
     def trains_backbone(self) -> bool:
-        return bool(self.adapter_parameters())
+        """Whether a backbone parameter trains in this task (read once per task, on its first step: the loop has
+        made the groups' parameters trainable by then), so features of a frozen backbone need no graph."""
+        if self._backbone_trains is None:
+            self._backbone_trains = any(p.requires_grad for p in self.backbone.parameters())
+        return self._backbone_trains
 
     def features(self, inputs: Any) -> torch.Tensor:
         """The backbone's pooled features of raw (collated, on-device) inputs."""
@@ -166,7 +179,7 @@ class Learner:
 
     def training_step(self, inputs: Any, labels: torch.Tensor, ctx: TaskContext) -> StepOutput:
         """Loss of one batch (the loop runs backward and the optimiser step)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_backbone):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_backbone()):
             features = self.features(inputs)
         loss = self.classifier.loss(features.float(), labels, ctx.index, all_seen=self.replays_past)
         return StepOutput(loss)
@@ -217,12 +230,7 @@ class Learner:
     def diagnostics(self) -> dict[str, Any]:
         """Per-task figures for results.json (called after ``end_task``). ``method_s`` is the seconds of
         method-specific work (e.g. statistics, design, memory), reported as a share of training time."""
-        trainable = sum(p.numel() for g in self._last_groups for p in g["params"]) if self._last_groups else 0
-        return {"trainable_parameters": int(trainable), **self.task_diagnostics}
-
-    def note_groups(self, groups: list[dict[str, Any]]) -> None:
-        """Called by the training loop with the groups it trained (for the trainable-parameter count)."""
-        self._last_groups = groups
+        return dict(self.task_diagnostics)
 
     # ------------------------------------------------------------------------------------------ export
     def export_parts(self, upto: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -59,14 +59,9 @@ class InfLoRALearner(Learner):
 
     def _collect(self, batches: Any, key: str) -> Any:
         """Input statistics of ``batches`` (eval mode, no gradients), timed into ``key``."""
-        with self.runtime.timer(self.task_diagnostics, key), torch.no_grad():
-            self.train_mode(False)
-            with StatsCollector(self.adapter) as collector:
-                for inputs, _ in batches:
-                    collector.set_mask(attention_mask_of(inputs))
-                    with self.runtime.autocast():
-                        self.features(inputs)
-            return collector.result()
+        with self.runtime.timer(self.task_diagnostics, key), StatsCollector(self.adapter) as collector:
+            self.feature_pass(batches, before=lambda inputs: collector.set_mask(attention_mask_of(inputs)))
+        return collector.result()
 
     def begin_task(self, ctx: TaskContext) -> None:
         super().begin_task(ctx)
@@ -77,17 +72,12 @@ class InfLoRALearner(Learner):
         with self.runtime.timer(self.task_diagnostics, "design_s"):
             self.adapter.begin_task(stats)
 
-    @torch.no_grad()
     def _fused_pass(self, ctx: TaskContext) -> Any:
         """One pass over all of the task's training samples that feeds both the classifier (features) and the
         memory (input statistics); only the hooks' time counts as InfLoRA's."""
-        self.train_mode(False)
         with self.runtime.timer(self.task_diagnostics, "features_s"), StatsCollector(self.adapter) as collector:
-            for inputs, labels in ctx.feature_pass():
-                collector.set_mask(attention_mask_of(inputs))
-                with self.runtime.autocast():
-                    features = self.features(inputs)
-                self.classifier.observe(features.float(), labels, ctx.index)
+            self.feature_pass(ctx.feature_pass(), lambda f, y: self.classifier.observe(f, y, ctx.index),
+                              before=lambda inputs: collector.set_mask(attention_mask_of(inputs)))
         self.task_diagnostics["stats_s"] = self.task_diagnostics.get("stats_s", 0.0) + collector.seconds
         return collector.result()
 
