@@ -54,6 +54,8 @@ class DataConfig:
     data_dir: str | None = opt(None, "data directory (default: $INFLORA_DATA, else the user cache folder)")
     options: dict[str, Any] = opt({}, "dataset-specific options, e.g. {train: my.csv, test: my_test.csv}")
     transforms: Literal["cifar", "imagenet"] = opt("imagenet", "image transform recipe of the method spec")
+    cipher: int | list[int | Literal["plain"]] | None = opt(None, "text: letter-substitution cipher seed of every "
+        "text, or a list of seeds and 'plain', one domain each (docs/benchmarks-cipher.md)")
 
 
 @dataclass
@@ -163,7 +165,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _check_type(value, arg, key)
             except ConfigError as exc:
-                errors.append(str(exc))
+                first = isinstance(value, list) and typing.get_origin(arg) is list  # a list's own error first
+                errors.insert(0 if first else len(errors), str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)

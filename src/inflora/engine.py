@@ -13,7 +13,7 @@ from .backbones import Backbone, build_backbone
 from .checkpoint import Checkpoint, CheckpointError, check_config, restore_rng
 from .classifiers import CLASSIFIERS, ClassLayout
 from .config import ConfigError, RunConfig, to_dict
-from .data import ContinualDataset, Scenario, class_incremental, domain_incremental, load_dataset
+from .data import ContinualDataset, Scenario, apply_cipher, class_incremental, domain_incremental, load_dataset
 from .data.fingerprint import fingerprint_differences, scenario_fingerprint
 from .evaluation import evaluate
 from .learners import LEARNERS, Learner, LearnerSetup, TaskContext
@@ -57,7 +57,8 @@ class Experiment:
             raise ConfigError(f"train.batch_size={config.train.batch_size} is the global batch and must be divisible "
                               f"by the number of processes ({self.runtime.world_size})")
         seed_everything(config.seed)
-        self.dataset: ContinualDataset = load_dataset(config.data.name, config.data.data_dir, **config.data.options)
+        self.dataset: ContinualDataset = apply_cipher(
+            load_dataset(config.data.name, config.data.data_dir, **config.data.options), config.data.cipher)
         self.scenario: Scenario = build_scenario(config, self.dataset)
         self.fingerprint = scenario_fingerprint(self.dataset, self.scenario)
         self.backbone: Backbone = build_model(config, self.dataset.modality)

@@ -13,6 +13,7 @@ from .base import (
     SubsetSplit,
     TransformedSplit,
 )
+from .ciphers import Cipher, apply_cipher, text_domains, transform_texts
 from .fashion import read_idx
 from .registry import (
     DATASETS,
@@ -27,6 +28,7 @@ from .transforms import image_transforms
 
 __all__ = [
     "DATASETS",
+    "Cipher",
     "ContinualDataset",
     "DataError",
     "ImageFileSplit",
@@ -36,6 +38,7 @@ __all__ = [
     "SubsetSplit",
     "Task",
     "TransformedSplit",
+    "apply_cipher",
     "class_incremental",
     "domain_incremental",
     "image_transforms",
@@ -45,5 +48,7 @@ __all__ = [
     "register_dataset",
     "resolve_data_dir",
     "subsample_per_class",
+    "text_domains",
+    "transform_texts",
     "user_cache_dir",
 ]
