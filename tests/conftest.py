@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ["INFLORA_OFFLINE"] = "1"  # tests never download; tests/test_download.py serves local copies and unsets it
 
 
 def shared_data_dir() -> Path | None:

@@ -27,7 +27,6 @@ from inflora.data import (
     resolve_data_dir,
 )
 from inflora.data import fashion as fashion_mod
-from inflora.data import text as text_mod
 from inflora.data import vision as vision_mod
 
 
@@ -125,24 +124,18 @@ def test_banking77_counts() -> None:
     assert isinstance(x, str) and isinstance(y, int)
 
 
-@needs_shared
-def test_clinc150_download_from_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(text_mod, "CLINC150_URL", (SHARED / "clinc150").as_uri() + "/")
-    ds = load_dataset("clinc150", tmp_path, download="true")
-    assert (tmp_path / "clinc150" / "data_full.json").is_file() and ds.num_classes == 150
-
-
 def test_clinc150_missing_says_where_and_how(tmp_path: Path) -> None:
-    with pytest.raises(DataError) as e:
+    with pytest.raises(DataError) as e:  # conftest sets INFLORA_OFFLINE: no download
         load_dataset("clinc150", tmp_path)
     msg = str(e.value)
-    assert str(tmp_path / "clinc150") in msg and "clinc/oos-eval" in msg and "data.options.download=true" in msg
+    assert str(tmp_path / "clinc150") in msg and "clinc/oos-eval" in msg and "--data-dir" in msg
+    assert "INFLORA_OFFLINE" in msg and not (tmp_path / "clinc150").exists()
 
 
 def test_banking77_missing_says_where_and_how(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"PolyAI-LDN/task-specific-datasets") as e:
-        load_dataset("banking77", tmp_path)
-    assert str(tmp_path / "banking77") in str(e.value)
+        load_dataset("banking77", tmp_path, download=False)
+    assert str(tmp_path / "banking77") in str(e.value) and "data.options.download=false" in str(e.value)
 
 
 def test_clinc150_malformed_json(tmp_path: Path) -> None:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,6 @@ __all__ = [
     "SubsetSplit",
     "TransformedSplit",
     "as_bool",
-    "download_file",
     "read_json",
     "to_rgb",
 ]
@@ -219,19 +215,6 @@ class ContinualDataset:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits().items())
         return f"ContinualDataset({self.name!r}, {self.modality}, {self.num_classes} classes, {sizes})"
-
-
-def download_file(url: str, dest: Path, timeout: float = 60.0) -> None:
-    """Download ``url`` to ``dest`` atomically (a temporary file renamed on success); errors become DataError."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out)
-        os.replace(tmp, dest)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"could not download {url} to {dest}: {e}") from e
 
 
 def as_bool(value: Any, name: str) -> bool:

@@ -7,57 +7,62 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .base import ContinualDataset, DataError, ListSplit, as_bool, check_every_class, download_file, read_json
+from .base import ContinualDataset, DataError, ListSplit, as_bool, check_every_class, read_json
+from .download import Source, ensure_files
 from .registry import register_dataset
 
-__all__ = ["BANKING77_URL", "CLINC150_URL", "read_text_records"]
+__all__ = ["BANKING77", "CLINC150", "read_text_records"]
 
-CLINC150_URL = (
-    "https://raw.githubusercontent.com/clinc/oos-eval/828f8093932c8fe6ca7936c3d2e52903b1c523de/data/"
+CLINC150 = Source(
+    name="clinc150",
+    title="CLINC150",
+    base_url="https://raw.githubusercontent.com/clinc/oos-eval/828f8093932c8fe6ca7936c3d2e52903b1c523de/data/",
+    files={
+        "data_full.json": "36923c3705a59e08fe9c3883d8bc2dd966ef93e22cb78ac41171782a698d56e0",
+        "domains.json": "b947b579d3b8e74b06f93b01083d8efaff2888b43a3e362533bd88a6e1211b3a",
+    },
+    how="Get data/data_full.json and data/domains.json from the GitHub repository clinc/oos-eval (commit "
+        "828f8093932c8fe6ca7936c3d2e52903b1c523de) and put them in the data directory's clinc150/ folder.",
 )
-BANKING77_URL = (
-    "https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/"
-    "57ec275d8078af65b7731c2a98be812d844a6d6b/banking_data/"
+BANKING77 = Source(
+    name="banking77",
+    title="BANKING77",
+    base_url="https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/"
+             "57ec275d8078af65b7731c2a98be812d844a6d6b/banking_data/",
+    files={
+        "train.csv": "b06e26ac675513959a63135f11b94ea7786ed02da65db93a5650d8838cbc664b",
+        "test.csv": "d12d6e3bc4c3103966ae786dc435913c0c563dfa328f5a3646d0e62cfeeb474d",
+        "categories.json": "53261da888122daf2d120d925458631d9619e15d82e56052e7a42e535ce32b63",
+    },
+    how="Get train.csv, test.csv and categories.json from the folder banking_data/ of the GitHub repository "
+        "PolyAI-LDN/task-specific-datasets (commit 57ec275d8078af65b7731c2a98be812d844a6d6b) and put them in the "
+        "data directory's banking77/ folder.",
 )
 
 Record = tuple[str, str, str]  # (text, label, where: "file, line N")
 
 
-def _fetch_missing(folder: Path, files: Sequence[str], base_url: str, download: bool, how: str) -> None:
-    """Download the missing ``files`` from ``base_url`` when ``download``; else raise a DataError saying how."""
-    missing = [f for f in files if not (folder / f).is_file()]
-    if not missing:
-        return
-    if download:
-        for f in missing:
-            download_file(base_url + f, folder / f)
-        return
-    raise DataError(
-        f"missing {', '.join(missing)} in {folder} (looked for {', '.join(files)}). {how} "
-        f"Or pass --set data.options.download=true to fetch them from {base_url}"
-    )
+def _mirror(mirror: str | None) -> str | None:
+    if mirror is not None and not isinstance(mirror, str):
+        raise ValueError(f"option 'mirror' must be a URL, not {mirror!r}")
+    return mirror or None
 
 
 @register_dataset(
     "clinc150", "CLINC150 intents: 150 in-scope intents in 10 domains, train/val/test 15000/3000/4500"
 )
-def clinc150(data_dir: Path, download: bool = False) -> ContinualDataset:
-    """CLINC150 (``data_full.json`` + ``domains.json``), out-of-scope samples excluded.
+def clinc150(data_dir: Path, download: bool = True, mirror: str | None = None) -> ContinualDataset:
+    """CLINC150 (``data_full.json`` + ``domains.json``), out-of-scope samples excluded; downloaded into
+    ``data_dir/clinc150`` on first use unless ``download`` is false (see :mod:`inflora.data.download`).
 
     Class ids follow ``domains.json`` flattened in file order, so each domain's 15 intents are contiguous;
     ``class_groups`` maps each domain to its intent ids.
     """
-    folder = data_dir / "clinc150"
-    files = ("data_full.json", "domains.json")
-    how = (
-        "Get data/data_full.json and data/domains.json from the GitHub repository clinc/oos-eval "
-        f"and put them in {folder}."
-    )
-    _fetch_missing(folder, files, CLINC150_URL, as_bool(download, "download"), how)
+    folder = ensure_files(data_dir, CLINC150, as_bool(download, "download"), _mirror(mirror))
     domains = read_json(folder / "domains.json")
     if not isinstance(domains, dict) or not all(
         isinstance(v, list) and all(isinstance(i, str) for i in v) for v in domains.values()
@@ -105,18 +110,13 @@ def clinc150(data_dir: Path, download: bool = False) -> ContinualDataset:
 
 
 @register_dataset("banking77", "BANKING77: 77 banking intents, train/test 10003/3080 (no val split)")
-def banking77(data_dir: Path, download: bool = False) -> ContinualDataset:
-    """BANKING77 (``train.csv``, ``test.csv`` with header ``text,category``, ``categories.json``).
+def banking77(data_dir: Path, download: bool = True, mirror: str | None = None) -> ContinualDataset:
+    """BANKING77 (``train.csv``, ``test.csv`` with header ``text,category``, ``categories.json``); downloaded into
+    ``data_dir/banking77`` on first use unless ``download`` is false (see :mod:`inflora.data.download`).
 
     Class ids follow the order of ``categories.json``.
     """
-    folder = data_dir / "banking77"
-    files = ("train.csv", "test.csv", "categories.json")
-    how = (
-        "Get train.csv, test.csv and categories.json from the folder banking_data/ of the GitHub repository "
-        f"PolyAI-LDN/task-specific-datasets and put them in {folder}."
-    )
-    _fetch_missing(folder, files, BANKING77_URL, as_bool(download, "download"), how)
+    folder = ensure_files(data_dir, BANKING77, as_bool(download, "download"), _mirror(mirror))
     class_names = read_json(folder / "categories.json")
     if not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names) and class_names):
         raise DataError(f"{folder / 'categories.json'}: expected a non-empty JSON list of category names")
