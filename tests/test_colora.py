@@ -298,3 +298,20 @@ def test_a_resumed_run_repeats_an_uninterrupted_one(tmp_path: Path, monkeypatch:
     resumed, reference = results_of(tmp_path / "run"), results_of(tmp_path / "reference")
     assert all(resumed[k] == reference[k] for k in RESULT_KEYS)
     same_state(tmp_path / "run", tmp_path / "reference")
+
+
+def test_every_rank_clusters_the_whole_pass_in_its_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun rank r holds the pass's samples r, r + W, ...: each rank places its share at those rows, so the
+    sum over ranks (the all-reduce) is the unsharded pass, on every rank."""
+    from inflora import distributed
+
+    rows = torch.arange(14, dtype=torch.float64).reshape(7, 2)
+    counts = torch.tensor([4, 3])
+    placed = []
+    for r in range(2):
+        monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: counts.clone() if t.dtype == torch.long else t)
+        placed.append(distributed.gather_pass_rows(rows[r::2]))
+    assert torch.equal(placed[0] + placed[1], rows)
