@@ -61,6 +61,18 @@ def move_to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def select_samples(inputs: Any, index: torch.Tensor) -> Any:
+    """The samples ``index`` (a long tensor of positions) of a batch of inputs: a Tensor's rows, or the rows of
+    every tensor of a Mapping/tuple/list (e.g. a text batch's ``input_ids`` and ``attention_mask``)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[index]
+    if isinstance(inputs, Mapping):
+        return {k: select_samples(v, index) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(select_samples(v, index) for v in inputs)
+    raise TypeError(f"cannot select samples of {type(inputs).__name__}")
+
+
 def batch_size_of(inputs: Any) -> int:
     """Number of samples in ``inputs``."""
     if isinstance(inputs, torch.Tensor):

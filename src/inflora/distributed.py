@@ -85,6 +85,20 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_pass_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of a sharded no-gradient pass (rank ``r`` holds the pass's samples ``r, r + W, r + 2W,
+    ...``), on every rank, in the order of the unsharded pass; one process: ``rows`` itself."""
+    if not is_distributed():
+        return rows
+    size, me = world_size(), rank()
+    counts = torch.zeros(size, dtype=torch.long)
+    counts[me] = len(rows)
+    total = int(all_reduce_sum(counts).sum())
+    out = rows.new_zeros((total, *rows.shape[1:]))
+    out[me::size] = rows
+    return all_reduce_sum(out)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -48,13 +48,15 @@ class TaskStep(nn.Module):
         return out.loss if weight == 1.0 else out.loss * weight
 
 
-def wrap_ddp(step: TaskStep, device: torch.device) -> nn.Module:
-    """``step`` in DDP when distributed, else unchanged."""
+def wrap_ddp(step: TaskStep, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """``step`` in DDP when distributed, else unchanged. ``find_unused``: some steps leave trainable parameters
+    without a gradient (DDP then finds them each step, and their gradients stay unset)."""
     if not is_distributed():
         return step
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
 
 
 def reference_cosine(epoch: int, epochs: int) -> float:
@@ -92,13 +94,14 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
         p.requires_grad_(True)
     optimiser = make_optimizer(train, groups)
     indices = data.train_indices(learner.training_tasks(task))
-    step_module = wrap_ddp(TaskStep(learner, ctx), runtime.device)
+    step_module = wrap_ddp(TaskStep(learner, ctx), runtime.device, find_unused=learner.partial_gradients)
     learner.train_mode(True)
     runtime.sync()
     start = time.perf_counter()
     for epoch in range(train.epochs):
         for g in optimiser.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(train, epoch)
+        learner.begin_epoch(epoch, ctx)
         epoch_seed = derive_seed(ctx.seed, task, Purpose.EPOCH + epoch)
         loader = data.epoch_loader(indices, train.batch_size, epoch_seed)
         weights = loader.batch_sampler.weights()  # type: ignore[union-attr]

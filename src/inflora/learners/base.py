@@ -5,6 +5,7 @@ diagnostics and its export. The engine calls, for each task ``t``::
 
     learner.begin_task(ctx)                      # e.g. add a head, design a branch (ctx: TaskContext)
     groups = learner.parameter_groups(ctx)       # [{"params": [...], "lr": ...}, ...]; the loop builds the optimiser
+    learner.begin_epoch(epoch, ctx)              # per epoch, e.g. keep a part frozen for the first epochs
     out = learner.training_step(inputs, labels, ctx)   # per batch: StepOutput(loss, logs)
     learner.end_task(ctx)                        # e.g. grow a memory, merge, feed and re-align the classifier
     logits = learner.predict(inputs, upto=t)     # evaluation, no task identity
@@ -80,12 +81,15 @@ class Learner:
     """Base learner: a frozen backbone and a classifier; trains the classifier's parameters of the task.
 
     Subclasses override what their method changes. ``options_type`` is the dataclass of the method's typed options
-    (the config section named after the method), ``replays_past`` makes the engine train on all tasks so far.
+    (the config section named after the method), ``replays_past`` makes the engine train on all tasks so far,
+    ``partial_gradients`` says that some steps leave parameters of the groups without a gradient (e.g. a part kept
+    frozen for some epochs), so distributed training must look for unused parameters.
     """
 
     name: ClassVar[str] = "base"
     options_type: ClassVar[type | None] = None
     replays_past: ClassVar[bool] = False
+    partial_gradients: ClassVar[bool] = False
 
     def __init__(self, setup: LearnerSetup) -> None:
         self.setup = setup
@@ -165,6 +169,11 @@ class Learner:
         if adapter:
             groups.insert(0, {"params": adapter, "lr": train.lr})
         return groups
+
+    def begin_epoch(self, epoch: int, ctx: TaskContext) -> None:
+        """Called by the training loop before epoch ``epoch`` (from 0 to ``train.epochs - 1``) of task ``ctx.index``;
+        the base does nothing. A parameter of the groups that gets no gradient in a step is left unchanged by the
+        optimiser (declare ``partial_gradients``)."""
 
     def trains_backbone(self) -> bool:
         """Whether a backbone parameter trains in this task (read once per task, on its first step: the loop has

@@ -22,6 +22,29 @@ def _preset(options: TargetOptions, backbone: nn.Module) -> str | None:
     return None if options.targets else (options.preset or getattr(backbone, "adapter_preset", None))
 
 
+def wrap_sites(backbone: nn.Module, options: TargetOptions, rank: int) -> list[list[LoRALinear]]:
+    """Wrap the layers ``options`` choose (a preset, the backbone's by default, or a regex; the first ``blocks``)
+    in :class:`LoRALinear`, per site (layers sharing an input); ``rank`` must fit every layer's input width."""
+    specs = find_sites(backbone, preset=_preset(options, backbone), targets=options.targets, blocks=options.blocks)
+    for spec in specs:
+        for name in spec.layers:
+            width = backbone.get_submodule(name).in_features
+            if rank > width:
+                raise ValueError(f"rank {rank} exceeds the input width {width} of layer {name!r}")
+    wrapped = dict(wrap_linears(backbone, [(n, s) for spec in specs for n, s in zip(spec.layers, spec.slices,
+                                                                                     strict=True)]))
+    return [[wrapped[n] for n in spec.layers] for spec in specs]
+
+
+def add_task_branches(sites: list[list[LoRALinear]], name: str, rank: int, generator: torch.Generator) -> None:
+    """A new plain LoRA branch ``name`` on every layer: per site one random down-projection (PyTorch's default LoRA
+    initialisation, shared by the site's layers as their starting point), zero up-projections; both trained."""
+    for site in sites:
+        down = kaiming_down(rank, site[0].in_features, generator=generator)
+        for layer in site:
+            layer.add_branch(name, down, train_down=True)
+
+
 @dataclass
 class InfLoRAOptions(TargetOptions, DesignOptions):
     """Options of the ``inflora`` method: where to adapt, how to design and remember, statistics budget."""
@@ -138,15 +161,7 @@ class SeqLoRALearner(Learner):
         super().__init__(setup)
         o: LoRAOptions = setup.options or LoRAOptions()
         self.rank = o.rank
-        specs = find_sites(self.backbone, preset=_preset(o, self.backbone), targets=o.targets, blocks=o.blocks)
-        for spec in specs:
-            for name in spec.layers:
-                width = self.backbone.get_submodule(name).in_features
-                if o.rank > width:
-                    raise ValueError(f"rank {o.rank} exceeds the input width {width} of layer {name!r}")
-        wrapped = dict(wrap_linears(self.backbone, [(n, s) for spec in specs
-                                                    for n, s in zip(spec.layers, spec.slices, strict=True)]))
-        self.sites: list[list[LoRALinear]] = [[wrapped[n] for n in spec.layers] for spec in specs]
+        self.sites: list[list[LoRALinear]] = wrap_sites(self.backbone, o, o.rank)
         self.generator = torch.Generator()
 
     def layers(self) -> list[LoRALinear]:
@@ -161,10 +176,7 @@ class SeqLoRALearner(Learner):
     def begin_task(self, ctx: TaskContext) -> None:
         super().begin_task(ctx)
         self.generator.manual_seed(derive_seed(ctx.seed, ctx.index, Purpose.DESIGN))
-        for site in self.sites:
-            down = kaiming_down(self.rank, site[0].in_features, generator=self.generator)
-            for layer in site:
-                layer.add_branch(str(ctx.index), down, train_down=True)
+        add_task_branches(self.sites, str(ctx.index), self.rank, self.generator)
 
     def end_task(self, ctx: TaskContext) -> None:
         for layer in self.layers():
