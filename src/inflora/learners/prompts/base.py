@@ -56,6 +56,21 @@ class PullOptions:
             raise ValueError(f"pull_weight must be a finite number >= 0, got {self.pull_weight}")
 
 
+def apply_recipe(options: PromptOptions, train: Any) -> Any:
+    """``train`` with the recipe fields ``options`` sets (a copy; ``train`` itself when none is set). The heads
+    follow the section's ``lr`` unless its ``head_lr`` is set."""
+    changes = {k: v for k in ("optimizer", "lr", "schedule") if (v := getattr(options, k)) is not None}
+    head_lr = options.head_lr if options.head_lr is not None else options.lr
+    if head_lr is not None:
+        changes["head_lr"] = head_lr
+    if not changes:
+        return train
+    adjusted = copy.copy(train)
+    for key, value in changes.items():
+        setattr(adjusted, key, value)
+    return adjusted
+
+
 def check_length(name: str, length: int, *, allow_zero: bool = False) -> None:
     """A prefix length ``L`` gives ``L/2`` key and ``L/2`` value rows: it must be even (and positive)."""
     if length < (0 if allow_zero else 2) or length % 2:
@@ -146,14 +161,14 @@ class PromptLearner(Learner):
     @torch.no_grad()
     def query(self, inputs: Any) -> Tensor:
         """The frozen backbone's pooled feature without prompts (eval mode, no gradients), float32."""
-        was_training = self.backbone.training
-        if was_training:
-            self.backbone.train(False)
+        training = [m for m in self.backbone.modules() if m.training]  # restored exactly, whatever the mix
+        for module in training:
+            module.training = False
         try:
             return call_model(self.backbone, inputs).float()
         finally:
-            if was_training:
-                self.backbone.train(True)
+            for module in training:
+                module.training = True
 
     def prompted(self, inputs: Any, *, prefixes: Prefixes | None = None, prompts: Tensor | None = None) -> Tensor:
         """The backbone's pooled feature with prompt tokens after the embeddings and/or prefixes at blocks."""
@@ -172,17 +187,7 @@ class PromptLearner(Learner):
         self.counts = {}
 
     def train_settings(self, train: Any) -> Any:
-        o = self.options
-        changes = {k: v for k in ("optimizer", "lr", "schedule") if (v := getattr(o, k)) is not None}
-        head_lr = o.head_lr if o.head_lr is not None else o.lr
-        if head_lr is not None:
-            changes["head_lr"] = head_lr
-        if not changes:
-            return train
-        adjusted = copy.copy(train)
-        for key, value in changes.items():
-            setattr(adjusted, key, value)
-        return adjusted
+        return apply_recipe(self.options, train)
 
     def parameter_groups(self, ctx: TaskContext) -> list[dict[str, Any]]:
         train = self.train_settings(self.setup.train)
@@ -242,6 +247,6 @@ class PromptLearner(Learner):
 
     def export_parts(self, upto: int) -> tuple[nn.Module, Tensor, Tensor]:
         raise NotImplementedError(
-            f"method {self.name!r} cannot be exported as one plain model: every input first runs a prompt-free query "
-            "pass that selects or weights the prompts inserted into its own second pass, so the adaptation depends "
-            "on the input and cannot be folded into the backbone's weights")
+            f"a prompt method ({self.name}) is not one plain model: every input first runs a prompt-free query pass "
+            "that selects or weights the prompts inserted into its own second pass, so the adaptation depends on the "
+            "input and cannot be folded into the backbone's weights")
