@@ -248,6 +248,22 @@ def test_l2p_test_time_choice_is_top_k_by_cosine_without_task_identity() -> None
     assert torch.allclose(learner.predict(x, 1), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_l2p_prompt_mode_inserts_the_chosen_prompts_as_tokens(modality: str) -> None:
+    learner = build("l2p", modality, mode="prompt", length=3)
+    assert set(learner.store) == {"input_keys", "input_prompts"}
+    train(learner, 0, modality)
+    x = inputs(modality, seed=7)
+    with torch.no_grad():
+        q = F.normalize(learner.query(x), dim=-1)
+        idx = (q @ F.normalize(learner.store["input_keys"], dim=-1).T).topk(2, dim=-1).indices
+        prompts = learner.store["input_prompts"][idx].flatten(1, 2)  # (B, 2 x 3, D) tokens after [CLS]
+        tokens = learner.seam.run_blocks(learner.seam.prepend(learner.seam.embed(x), prompts))
+        expected = learner.classifier.logits(learner.seam.pool(tokens, skip=6), 0)  # prompts not pooled
+        assert torch.allclose(learner.predict(x, 0), expected, atol=1e-5)
+        assert not torch.allclose(learner.features(x), learner.query(x), atol=1e-4)
+
+
 @pytest.mark.parametrize("select", ["all", "seen"])
 @torch.no_grad()
 def test_dualprompt_test_time_e_prompt_is_the_best_matching_key(select: str) -> None:
