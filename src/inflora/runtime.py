@@ -22,15 +22,10 @@ def derive_seed(seed: int, index: int = 0, purpose: int = 0) -> int:
     task is seeded from such a value, so any task can be replayed alone (a resumed run repeats exactly).
 
     Purposes used by the package: 0 task start (head initialisation, dropout), 1 statistics subsample, 2 statistics
-<<<<<<< HEAD
     pass, 3 classifier alignment, 4 designed or random down-projections, 5 evaluation subsample, 6 a text cipher's
-    letters (from the cipher's own seed, not the run's), ``10 + e`` epoch ``e``'s batch order; a sample's random
-    transform uses ``derive_seed(epoch seed, sample index)``.
-=======
-    pass, 3 classifier alignment, 4 designed or random down-projections, 5 evaluation subsample, 6 k-means seeding
-    (task identification), ``10 + e`` epoch ``e``'s batch order; a sample's random transform uses
-    ``derive_seed(epoch seed, sample index)``.
->>>>>>> h-colora-lae
+    letters (from the cipher's own seed, not the run's), 7 k-means seeding (task identification), 8 prompt
+    initialisation (prompt methods: index 0 at construction, the task index for per-task components), ``10 + e`` epoch
+    ``e``'s batch order; a sample's random transform uses ``derive_seed(epoch seed, sample index)``.
     """
     return (int(seed) * 1_000_003 + int(index) * 10_007 + int(purpose) * 101) % SEED_MODULUS
 
@@ -46,6 +41,7 @@ class Purpose:
     EVAL_SUBSAMPLE = 5
     CIPHER = 6
     KMEANS = 7
+    PROMPTS = 8
     EPOCH = 10
 
 

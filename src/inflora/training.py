@@ -85,9 +85,11 @@ def make_optimizer(train: Any, groups: list[dict[str, Any]]) -> torch.optim.Opti
 
 def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, progress: bool = False
                ) -> dict[str, Any]:
-    """Train task ``ctx.index`` for ``train.epochs``: the learner's groups, its steps on seeded batches of the
-    tasks it trains on. Returns the seconds spent and the last step's logged figures."""
+    """Train task ``ctx.index`` for ``train.epochs`` (``train`` as the learner's ``train_settings`` adjusts it): the
+    learner's groups, its steps on seeded batches of the tasks it trains on. Returns the seconds spent and the last
+    step's logged figures."""
     task, runtime = ctx.index, ctx.runtime
+    train = learner.train_settings(train)
     groups = learner.parameter_groups(ctx)
     params = [p for g in groups for p in g["params"]]
     for p in params:

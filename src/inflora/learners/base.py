@@ -5,6 +5,7 @@ diagnostics and its export. The engine calls, for each task ``t``::
 
     learner.begin_task(ctx)                      # e.g. add a head, design a branch (ctx: TaskContext)
     groups = learner.parameter_groups(ctx)       # [{"params": [...], "lr": ...}, ...]; the loop builds the optimiser
+                                                 # from learner.train_settings(train)
     learner.begin_epoch(epoch, ctx)              # per epoch, e.g. keep a part frozen for the first epochs
     out = learner.training_step(inputs, labels, ctx)   # per batch: StepOutput(loss, logs)
     learner.end_task(ctx)                        # e.g. grow a memory, merge, feed and re-align the classifier
@@ -155,6 +156,12 @@ class Learner:
         return list(range(task + 1)) if self.replays_past else [task]
 
     # ------------------------------------------------------------------------------------------ training
+    def train_settings(self, train: Any) -> Any:
+        """The optimisation settings (``train`` section) the loop uses for this learner's tasks: ``train``
+        unchanged by default; a method with its own recipe (optimiser, learning rate, schedule) returns a modified
+        copy."""
+        return train
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Backbone-side parameters trained in the current task (none for the base)."""
         return []
