@@ -245,7 +245,7 @@ def test_olora_penalty_is_zero_for_orthogonal_factors() -> None:
 
 @pytest.mark.parametrize("squared", [False, True])
 def test_olora_penalty_equals_the_formula(squared: bool) -> None:
-    learner = vit_learner("olora", rank=3, squared=squared)
+    learner = vit_learner("olora", rank=3, squared=squared, lambda2=0.3)
     run_tasks(learner, 2)
     ctx = context(learner, 2)
     learner.begin_task(ctx)
@@ -267,6 +267,10 @@ def test_olora_penalty_equals_the_formula(squared: bool) -> None:
             want_norms += sq if squared else sq ** 0.5
     assert float(ortho) == pytest.approx(want_ortho, rel=1e-5)
     assert float(norms) == pytest.approx(want_norms, rel=1e-5)
+    out = learner.training_step(images(), torch.tensor(ctx.classes * 3), ctx)
+    assert out.logs["orthogonality"] == pytest.approx(want_ortho, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(out.logs["ce"] + learner.lambda1 * want_ortho
+                                                     + learner.lambda2 * want_norms, rel=1e-5)
 
 
 def test_olora_gradient_step_on_the_penalty_pushes_towards_orthogonality() -> None:
@@ -329,7 +333,7 @@ def test_clora_penalty_is_zero_at_the_first_task_then_equals_the_formula() -> No
     y = torch.tensor(context(learner, 1).classes * 3)
     out = learner.training_step(images(), y, context(learner, 1))
     assert out.logs["penalty"] == pytest.approx(want, rel=1e-5)
-    assert float(out.loss.detach()) == pytest.approx(out.logs["ce"] + 1.0e4 * want, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(out.logs["ce"] + learner.lam * want, rel=1e-5)
 
 
 def test_clora_penalty_is_zero_when_the_supports_are_disjoint() -> None:

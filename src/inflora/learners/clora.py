@@ -26,7 +26,8 @@ from .family import FamilyOptions, PerTaskLoRALearner
 class CLoRAOptions(FamilyOptions):
     """Options of ``clora`` (the penalty's weight, rank and placement of InfLoRA's baseline are not published)."""
 
-    lam: float = opt(1.0e4, "weight lambda of the self-regularisation ||P (elementwise*) dW_t||_F^2")
+    lam: float = opt(100.0, "weight lambda of the self-regularisation ||P (elementwise*) dW_t||_F^2 (not published; "
+                            "the default puts the penalty on the cross-entropy's scale for MiniLM, search it)")
     scale: float = opt(1.0, "scale s of every pair: W = W0 + s * sum_i B_i A_i (C-LoRA has no alpha / r factor)")
 
     def validate(self) -> None:
@@ -92,7 +93,8 @@ class CLoRALearner(PerTaskLoRALearner):
         features = self.features(inputs)
         ce = self.classifier.loss(features.float(), labels, ctx.index)
         penalty = self.penalty()
-        return StepOutput(ce + self.lam * penalty, {"ce": float(ce.detach()), "penalty": float(penalty.detach())})
+        logged = torch.stack([ce.detach().float(), penalty.detach()]).tolist()  # one device sync
+        return StepOutput(ce + self.lam * penalty, dict(zip(("ce", "penalty"), logged, strict=True)))
 
     def end_task(self, ctx: TaskContext) -> None:
         super().end_task(ctx)

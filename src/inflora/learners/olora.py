@@ -101,5 +101,5 @@ class OLoRALearner(PerTaskLoRALearner):
         ce = self.classifier.loss(features.float(), labels, ctx.index)
         ortho, norms = self.penalties()
         loss = ce + self.lambda1 * ortho + self.lambda2 * norms
-        return StepOutput(loss, {"ce": float(ce.detach()), "orthogonality": float(ortho.detach()),
-                                 "norms": float(norms.detach())})
+        logged = torch.stack([ce.detach().float(), ortho.detach(), norms.detach()]).tolist()  # one device sync
+        return StepOutput(loss, dict(zip(("ce", "orthogonality", "norms"), logged, strict=True)))
