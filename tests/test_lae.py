@@ -51,8 +51,8 @@ def test_a_branch_on_one_output_slice() -> None:
     layer = LoRALinear(base, [(3, 6), (6, 9)])
     x = torch.randn(4, 6)
     plain = base(x).detach()
-    k = layer.add_branch("k", torch.randn(2, 6), torch.randn(3, 2), learn_scale=True, outputs=[0])
-    v = layer.add_branch("v", torch.randn(2, 6), torch.randn(3, 2), scale=0.5, outputs=[1])
+    k = layer.add_branch("k", torch.randn(2, 6), torch.randn(3, 2), learn_scale=True, slices=[0])
+    v = layer.add_branch("v", torch.randn(2, 6), torch.randn(3, 2), scale=0.5, slices=[1])
     with torch.no_grad():
         k.scale.fill_(1.5)  # type: ignore[union-attr]
         out = layer(x)
@@ -60,13 +60,13 @@ def test_a_branch_on_one_output_slice() -> None:
         assert torch.allclose(out[:, 3:6], plain[:, 3:6] + 1.5 * x @ k.down.T @ k.up.T, atol=1e-6)
         assert torch.allclose(out[:, 6:], plain[:, 6:] + 0.5 * x @ v.down.T @ v.up.T, atol=1e-6)
         layer.merge("k")
-        assert torch.allclose(layer(x), out, atol=1e-6) and layer.merged["k"].outputs == (0,)
+        assert torch.allclose(layer(x), out, atol=1e-6) and layer.merged["k"].slices == (0,)
         layer.unmerge("k")
-        assert torch.allclose(layer.base.weight, base.weight) and layer.branch("k").outputs == (0,)
+        assert torch.allclose(layer.base.weight, base.weight) and layer.branch("k").slices == (0,)
     with pytest.raises(ValueError, match="up-projection"):
-        layer.add_branch("w", torch.randn(2, 6), torch.randn(6, 2), outputs=[1])
+        layer.add_branch("w", torch.randn(2, 6), torch.randn(6, 2), slices=[1])
     with pytest.raises(ValueError, match="indices"):
-        layer.add_branch("w", torch.randn(2, 6), outputs=[2])
+        layer.add_branch("w", torch.randn(2, 6), slices=[2])
 
 
 # ------------------------------------------------------------------------------------------ what trains

@@ -56,7 +56,8 @@ class Backbone(nn.Module):
     """Feature extractor: inputs -> ``(B, feature_dim)`` features.
 
     Attributes: ``feature_dim``; ``modality`` (``"image"`` or ``"text"``); ``adapter_preset`` (default InfLoRA
-    preset name: ``"timm-vit-kv"`` for timm ViTs, ``"bert-kv"`` for BERT-family encoders); ``img_size`` (input
+    preset name: ``"timm-vit-kv"`` for timm ViTs, ``"bert-kv"`` for BERT-family encoders); ``qv_preset`` (the query
+    and value projections, the LoRA baselines' default: ``"timm-vit-qv"``, ``"bert-qv"``); ``img_size`` (input
     resolution of image backbones, ``None`` for text); ``max_length`` (tokenizer truncation length of text
     backbones, ``None`` for images).
     """
@@ -64,6 +65,7 @@ class Backbone(nn.Module):
     feature_dim: int
     modality: str
     adapter_preset: str
+    qv_preset: str
     img_size: int | None = None
     max_length: int | None = None
 
@@ -84,6 +86,7 @@ class TimmBackbone(Backbone):
 
     modality = "image"
     adapter_preset = "timm-vit-kv"
+    qv_preset = "timm-vit-qv"
 
     def __init__(
         self, name: str, *, pretrained: bool = True, checkpoint: str | os.PathLike[str] | None = None,
@@ -263,6 +266,7 @@ class HFTextBackbone(Backbone):
             raise ValueError(f"{type(model).__name__} has no config.hidden_size: cannot tell its feature size")
         self.feature_dim = int(hidden_size)
         self.adapter_preset = "bert-kv"
+        self.qv_preset = "bert-qv"
         self.img_size = None
 
     def forward(

@@ -1,13 +1,14 @@
 """A generic LoRA layer in the spirit of PEFT: named low-rank branches on a wrapped ``nn.Linear``.
 
 Each branch ``delta(x) = scale * U (D x)`` has a down-projection ``D`` (r, d_in), an up-projection ``U``
-(n_adapted_out, r) and a scale (a float, or a learnable magnitude); each factor is a trainable parameter or a
-frozen buffer. Branches write to chosen output slices of the layer (e.g. the k and v thirds of timm's fused
-``qkv``), all of them or a subset (e.g. k alone). A layer routes a batch through its *active* branches (all
-unmerged ones by default, or a chosen set; :func:`use_branches` for many layers), folds any branch into the frozen
-weight (``merge``, float64) and takes it out again (``unmerge``). :func:`replace_module` is the one
-module-replacement helper of the package; :func:`wrap_linears` and :func:`merged_copy` build on it. InfLoRA,
-SeqLoRA, joint training, CoLoR and LAE are policies on this layer.
+(n_adapted_out, r) and a scale (a float, a learnable magnitude, or a magnitude parameter shared with other
+branches); each factor is a trainable parameter or a frozen buffer. Branches write to chosen output slices of the
+layer (e.g. the k and v thirds of timm's fused ``qkv``), all of them or a subset per branch (e.g. a q-only and a
+v-only branch on one fused ``qkv``). A layer routes a batch through its *active* branches (all unmerged ones by
+default, or a chosen set), folds any branch into the frozen weight (``merge``, float64) and takes it out again
+(``unmerge``). :func:`replace_module` is the one module-replacement helper of the package; :func:`wrap_linears` and
+:func:`merged_copy` build on it. InfLoRA, SeqLoRA, joint training, CoLoR, LAE, SD-LoRA, O-LoRA and C-LoRA are
+policies on this layer (:func:`use_branches` routes many layers at once).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 class LoRABranch(nn.Module):
     """One branch ``scale * U (D x)``. ``down``/``up`` are parameters when trainable, buffers otherwise; ``scale``
-    is a float, or a parameter with ``learn_scale`` (a learnable magnitude). ``outputs`` are the indices of the
-    layer's output slices the branch writes to (``None``: all of them)."""
+    is a float, a parameter with ``learn_scale`` (a learnable magnitude), or a given 0-d ``nn.Parameter`` (a
+    magnitude shared by every branch it is given to). ``slices``: indices of the layer's output slices the branch
+    writes to (``None``: all of them)."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, *, scale: float = 1.0, train_down: bool = False,
-                 train_up: bool = True, learn_scale: bool = False, outputs: Sequence[int] | None = None) -> None:
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, *, scale: float | nn.Parameter = 1.0,
+                 train_down: bool = False, train_up: bool = True, learn_scale: bool = False,
+                 slices: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.outputs: tuple[int, ...] | None = None if outputs is None else tuple(int(i) for i in outputs)
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise ValueError(f"branch factors must be D (r, d_in) and U (d_out, r); got {tuple(down.shape)} and "
                              f"{tuple(up.shape)}")
@@ -48,9 +50,13 @@ class LoRABranch(nn.Module):
                 setattr(self, name, nn.Parameter(tensor))
             else:
                 self.register_buffer(name, tensor)
-        if learn_scale:
-            self.scale: float | nn.Parameter = nn.Parameter(torch.tensor(float(scale), dtype=up.dtype,
-                                                                         device=up.device))
+        self.slices = slices
+        if isinstance(scale, nn.Parameter):
+            if learn_scale or scale.ndim != 0:
+                raise ValueError("a shared magnitude must be a 0-d nn.Parameter, given without learn_scale")
+            self.scale: float | nn.Parameter = scale
+        elif learn_scale:
+            self.scale = nn.Parameter(torch.tensor(float(scale), dtype=up.dtype, device=up.device))
         else:
             self.scale = float(scale)
 
@@ -118,37 +124,42 @@ class LoRALinear(nn.Module):
         """Number of output features that branches write to."""
         return sum(stop - start for start, stop in self.out_slices)
 
-    def slices_of(self, outputs: Sequence[int] | None) -> list[tuple[int, int]]:
-        """The output slices with indices ``outputs`` (``None``: all of them)."""
-        if outputs is None:
-            return self.out_slices
-        chosen = [int(i) for i in outputs]
-        if not chosen or chosen != sorted(set(chosen)) or not 0 <= chosen[0] <= chosen[-1] < len(self.out_slices):
-            raise ValueError(f"outputs {list(outputs)} must be distinct, sorted indices of the layer's "
-                             f"{len(self.out_slices)} output slices {self.out_slices}")
-        return [self.out_slices[i] for i in chosen]
+    def slice_widths(self, slices: Sequence[int] | None = None) -> int:
+        """Number of output features the slices ``slices`` (indices into ``out_slices``; ``None``: all) cover."""
+        chosen = self.out_slices if slices is None else [self.out_slices[i] for i in slices]
+        return sum(stop - start for start, stop in chosen)
 
-    def add_branch(self, name: str, down: torch.Tensor, up: torch.Tensor | None = None, *, scale: float = 1.0,
-                   train_down: bool = False, train_up: bool = True, learn_scale: bool = False,
-                   outputs: Sequence[int] | None = None) -> LoRABranch:
+    def _chosen(self, slices: Sequence[int] | None) -> tuple[int, ...] | None:
+        if slices is None:
+            return None
+        chosen = tuple(int(i) for i in slices)
+        if not chosen or list(chosen) != sorted(set(chosen)) or not all(0 <= i < len(self.out_slices) for i in chosen):
+            raise ValueError(f"slices {list(slices)} must be sorted distinct indices of the layer's "
+                             f"{len(self.out_slices)} output slices")
+        return None if len(chosen) == len(self.out_slices) else chosen
+
+    def add_branch(self, name: str, down: torch.Tensor, up: torch.Tensor | None = None, *,
+                   scale: float | nn.Parameter = 1.0, train_down: bool = False, train_up: bool = True,
+                   learn_scale: bool = False, slices: Sequence[int] | None = None) -> LoRABranch:
         """Add branch ``name`` with down-projection ``down`` and ``up`` (default zeros), in the weight's dtype,
-        writing to the output slices ``outputs`` (indices into ``out_slices``; default all)."""
+        writing to the output slices ``slices`` (indices into ``out_slices``; default all)."""
         if name in self.branches or name in self.merged:
             raise ValueError(f"branch {name!r} already exists")
-        width = sum(stop - start for start, stop in self.slices_of(outputs))
+        chosen = self._chosen(slices)
+        rows = self.slice_widths(chosen)
         weight = self.base.weight
         down = down.detach().to(device=weight.device, dtype=weight.dtype).clone()
         if down.ndim != 2 or down.shape[1] != self.in_features:
             raise ValueError(f"down-projection of shape {tuple(down.shape)} does not fit input width "
                              f"{self.in_features}")
         if up is None:
-            up = torch.zeros(width, down.shape[0], device=weight.device, dtype=weight.dtype)
+            up = torch.zeros(rows, down.shape[0], device=weight.device, dtype=weight.dtype)
         else:
             up = up.detach().to(device=weight.device, dtype=weight.dtype).clone()
-            if tuple(up.shape) != (width, down.shape[0]):
-                raise ValueError(f"up-projection of shape {tuple(up.shape)}, expected ({width}, {down.shape[0]})")
+            if tuple(up.shape) != (rows, down.shape[0]):
+                raise ValueError(f"up-projection of shape {tuple(up.shape)}, expected ({rows}, {down.shape[0]})")
         branch = LoRABranch(down, up, scale=scale, train_down=train_down, train_up=train_up, learn_scale=learn_scale,
-                            outputs=outputs)
+                            slices=chosen)
         self.branches[name] = branch
         return branch
 
@@ -170,15 +181,19 @@ class LoRALinear(nn.Module):
         finally:
             self.active = previous
 
-    def _scatter(self, delta: torch.Tensor, slices: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Place the columns of ``delta`` at their ``slices`` (default: all) of the full output (zeros elsewhere)."""
-        slices = self.out_slices if slices is None else slices
-        if len(slices) == 1:
-            start, stop = slices[0]
+    def _ranges(self, slices: tuple[int, ...] | None) -> list[tuple[int, int]]:
+        return self.out_slices if slices is None else [self.out_slices[i] for i in slices]
+
+    def _scatter(self, delta: torch.Tensor, slices: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Place the columns of ``delta`` at their output slices (``slices``: indices, ``None`` all) of the full
+        output (zeros elsewhere)."""
+        ranges = self._ranges(slices)
+        if len(ranges) == 1:
+            start, stop = ranges[0]
             return F.pad(delta, (start, self.out_features - stop))
         pieces, pos, off = [], 0, 0
         lead = delta.shape[:-1]
-        for start, stop in slices:
+        for start, stop in ranges:
             if start > pos:
                 pieces.append(delta.new_zeros(*lead, start - pos))
             pieces.append(delta[..., off : off + stop - start])
@@ -190,22 +205,22 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        delta = None
+        deltas: dict[tuple[int, ...] | None, torch.Tensor] = {}  # summed per set of output slices
         for name, branch in self.branches.items():
             if self.active is not None and name not in self.active:
                 continue
             d = branch.delta(x)  # type: ignore[operator]
-            if branch.outputs is not None:  # a branch on some of the slices is placed on its own
-                out = out + self._scatter(d, self.slices_of(branch.outputs))
-                continue
-            delta = d if delta is None else delta + d
-        return out if delta is None else out + self._scatter(delta)
+            key = branch.slices
+            deltas[key] = d if key not in deltas else deltas[key] + d
+        for key, delta in deltas.items():
+            out = out + self._scatter(delta, key)
+        return out
 
     @torch.no_grad()
-    def _add_to_weight(self, update: torch.Tensor, sign: float, outputs: Sequence[int] | None = None) -> None:
+    def _add_to_weight(self, update: torch.Tensor, sign: float, slices: tuple[int, ...] | None = None) -> None:
         update = update.to(self.base.weight.dtype)
         off = 0
-        for start, stop in self.slices_of(outputs):
+        for start, stop in self._ranges(slices):
             if sign > 0:
                 self.base.weight[start:stop] += update[off : off + stop - start]
             else:
@@ -219,9 +234,9 @@ class LoRALinear(nn.Module):
         if name not in self.branches:
             raise KeyError(f"no unmerged branch {name!r}")
         branch: LoRABranch = self.branches.pop(name)  # type: ignore[assignment]
-        self._add_to_weight(branch.update(), +1.0, branch.outputs)
+        self._add_to_weight(branch.update(), +1.0, branch.slices)
         frozen = LoRABranch(branch.down.detach().clone(), branch.up.detach().clone(),
-                            scale=float(branch.scale), outputs=branch.outputs)
+                            scale=float(branch.scale), slices=branch.slices)
         self.merged[name] = frozen
         return frozen
 
@@ -232,9 +247,9 @@ class LoRALinear(nn.Module):
         if name not in self.merged:
             raise KeyError(f"no merged branch {name!r}")
         frozen = self.merged.pop(name)
-        self._add_to_weight(frozen.update(), -1.0, frozen.outputs)
+        self._add_to_weight(frozen.update(), -1.0, frozen.slices)
         return self.add_branch(name, frozen.down, frozen.up, scale=float(frozen.scale), train_down=train_down,
-                               train_up=train_up, outputs=frozen.outputs)
+                               train_up=train_up, slices=frozen.slices)
 
     def extra_repr(self) -> str:
         return f"out_slices={self.out_slices}, branches={list(self.branches)}, merged={list(self.merged)}"

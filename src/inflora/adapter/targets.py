@@ -24,6 +24,14 @@ def _kv_slices_of_fused_qkv(layer: nn.Linear) -> list[tuple[int, int]]:
     return [(d, 2 * d), (2 * d, 3 * d)]
 
 
+def _qv_slices_of_fused_qkv(layer: nn.Linear) -> list[tuple[int, int]]:
+    """q and v thirds of a fused qkv projection whose output is ordered (q, k, v)."""
+    if layer.out_features % 3:
+        raise ValueError(f"fused qkv layer has {layer.out_features} outputs, not a multiple of 3")
+    d = layer.out_features // 3
+    return [(0, d), (2 * d, 3 * d)]
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named choice of adapted layers."""
@@ -59,6 +67,23 @@ register_preset(
         "bert-kv",
         "Hugging Face BERT-family encoders: attention.self.key and .value of each layer (one shared site)",
         r"(?:^|\.)layer\.(?P<block>\d+)\.attention\.self\.(?P<proj>key|value)$",
+        site_group="proj",
+    )
+)
+
+register_preset(
+    Preset(
+        "timm-vit-qv",
+        "timm Vision Transformers: q and v slices of each block's fused attn.qkv (the LoRA baselines' placement)",
+        r"(?:^|\.)blocks\.(?P<block>\d+)\.attn\.qkv$",
+        slices=_qv_slices_of_fused_qkv,
+    )
+)
+register_preset(
+    Preset(
+        "bert-qv",
+        "Hugging Face BERT-family encoders: attention.self.query and .value of each layer (one shared site)",
+        r"(?:^|\.)layer\.(?P<block>\d+)\.attention\.self\.(?P<proj>query|value)$",
         site_group="proj",
     )
 )

@@ -76,7 +76,7 @@ class LAELearner(Learner):
         for layer in self.layers:
             for i in range(len(layer.out_slices)):
                 branch = layer.add_branch(f"{ONLINE}{i}", kaiming_down(o.rank, layer.in_features, generator),
-                                          train_down=True, learn_scale=True, outputs=[i])
+                                          train_down=True, learn_scale=True, slices=[i])
                 branch.requires_grad_(False)  # the training loop makes the groups trainable
         self.has_offline = False
         self.calibrating = False
@@ -102,7 +102,7 @@ class LAELearner(Learner):
         for i, name, branch in self.pet(ONLINE):
             copy = self.layers[i].add_branch(OFFLINE + name[len(ONLINE):], branch.down, branch.up,
                                              scale=float(branch.scale), learn_scale=True, train_up=False,
-                                             outputs=branch.outputs)
+                                             slices=branch.slices)
             copy.requires_grad_(False)
         self.has_offline = True
 
