@@ -76,7 +76,7 @@ def test_only_the_online_pet_and_the_new_head_train(images: Path) -> None:
     assert isinstance(learner, LAELearner)
     assert len(learner.layers) == 2 and all(set(layer.branches) == {"online0", "online1"} for layer in learner.layers)
     for layer in learner.layers:  # one LoRA on k, one on v, each with its own learnable scale 1
-        assert [layer.branch(f"online{i}").outputs for i in range(2)] == [(0,), (1,)]
+        assert [layer.branch(f"online{i}").slices for i in range(2)] == [(0,), (1,)]
         assert all(float(layer.branch(f"online{i}").scale) == 1.0 for i in range(2))
     base = {k: v.clone() for k, v in experiment.backbone.state_dict().items() if ".branches." not in k}
     experiment.run_task(0)
