@@ -51,7 +51,8 @@ FORMAT = 3
 READABLE = (2, 3)
 KEEP = 2
 """Complete checkpoints kept (the newest and the one before, in case the newest is damaged later)."""
-COSMETIC_KEYS = frozenset({"description", "data.data_dir", "train.progress", "train.num_workers", "train.device"})
+COSMETIC_KEYS = frozenset({"description", "data.data_dir", "train.progress", "train.num_workers", "train.device",
+                           "logging.tensorboard"})
 """Config keys that do not change results: a run may be resumed with other values."""
 
 
@@ -334,13 +335,18 @@ def config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
     return [k for k in keys if mine.get(k) != theirs.get(k)]
 
 
+def describe_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    """``"key: saved X, now Y"`` for every key :func:`config_differences` finds."""
+    theirs = _flatten(saved)
+    mine = _flatten(json.loads(json.dumps(to_dict(config))))
+    return [f"{k}: saved {theirs.get(k)!r}, now {mine.get(k)!r}" for k in config_differences(saved, config)]
+
+
 def check_saved_config(saved: dict[str, Any], where: Path, config: RunConfig) -> None:
     """Refuse to resume the run ``where`` (saved config ``saved``) with a configuration that changes results."""
-    differ = config_differences(saved, config)
+    differ = describe_differences(saved, config)
     if differ:
-        theirs = _flatten(saved)
-        mine = _flatten(json.loads(json.dumps(to_dict(config))))
-        details = "; ".join(f"{k}: saved {theirs.get(k)!r}, now {mine.get(k)!r}" for k in differ)
+        details = "; ".join(differ)
         raise ConfigError(f"cannot resume {where} with a different configuration ({details}); resume with the "
                           "original settings or start a new run in another --out")
 

@@ -13,23 +13,9 @@ from typing import Any
 from .config import ConfigError, RunConfig, describe_fields, list_presets, load_config, to_dict
 from .distributed import broadcast_bytes, init_from_env, is_main, on_main, shutdown
 from .results import format_seeds, format_table, seeds_summary, write_json, write_yaml
+from .runtime import parse_seeds
 
 log = logging.getLogger("inflora")
-
-
-def _parse_seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"--seeds expects comma-separated integers, got {text!r}") from exc
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds expects distinct integers, got {text!r}")
-    bad = [s for s in seeds if not 0 <= s < 2**63]
-    if bad:
-        raise ConfigError(f"--seeds must be integers in [0, 2**63), got {', '.join(map(str, bad))}")
-    return seeds
 
 
 class _Buffer(logging.Handler):
@@ -130,6 +116,10 @@ def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool,
 
     main = is_main()
     buffer = _setup_logging(quiet or not main)
+    if config.logging.tensorboard and main:
+        from .tblog import require_tensorboard
+
+        require_tensorboard()
     on_main(lambda: checkpoints_dir(out))
     if resume:  # the configuration check always runs, checkpoints or not
         on_main(lambda: (saved := saved_config(out)) is None or check_saved_config(saved, out, config))
@@ -159,10 +149,26 @@ def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool,
         experiment.on_task_end.append(lambda e: save_checkpoint(out, e.state, e.learner.state_dict(), e.config,
                                                                e.num_tasks, cuda=e.device.type == "cuda",
                                                                data=e.fingerprint))
-    results = experiment.run()
+    board = _tensorboard(experiment, out) if main and config.logging.tensorboard else None
+    try:
+        results = experiment.run()
+    finally:
+        if board is not None:
+            board.close()
     if main:
         write_json(out / "results.json", results)
     return results
+
+
+def _tensorboard(experiment: Any, out: Path) -> Any:
+    """A TensorBoard log in ``out/tensorboard`` hooked to the experiment's steps and task ends."""
+    from .runfolder import TENSORBOARD
+    from .tblog import TensorBoardLog
+
+    board = TensorBoardLog(out / TENSORBOARD)
+    experiment.step_loggers.append(board.step)
+    experiment.on_task_end.append(lambda e: board.task_end(e.results()))
+    return board
 
 
 def _interrupted(target: Path | None) -> str:
@@ -184,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     config = load_config(args.preset, overrides)
-    seeds = _parse_seeds(args.seeds) or [config.seed]
+    seeds = parse_seeds(args.seeds) or [config.seed]
     init_from_env(config.train.device)  # under torchrun: join the other ranks
     finished = False
     created: list[Path] = []
@@ -287,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf.set_defaults(func=cmd_config)
 
     from .export import add_export_commands
+    from .report import add_report_commands
 
     add_export_commands(sub)
+    add_report_commands(sub)
     return parser
 
 

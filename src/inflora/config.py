@@ -109,6 +109,14 @@ class TrainConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a run logs besides results.json and run.log (never changes results)."""
+
+    tensorboard: bool = opt(False, "write per-step losses and per-task metrics into OUT/tensorboard (TensorBoard "
+                                   "event files; needs the tensorboard package)")
+
+
+@dataclass
 class RunConfig:
     """A whole continual-learning run. Besides these fields, the chosen method's and classifier's option sections
     (e.g. ``inflora:``, ``aligned:``) live in ``sections``; read them with :meth:`options`."""
@@ -123,6 +131,7 @@ class RunConfig:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False,
                                                 metadata={"help": "option sections", "internal": True})
     cli_sections: set[str] = field(default_factory=set, repr=False, compare=False,

@@ -21,7 +21,7 @@ from .metrics import accuracy_after
 from .results import RunState, build_results
 from .runtime import Purpose, Runtime, derive_seed, seed_everything
 from .taskdata import TaskData
-from .training import train_task
+from .training import StepLogger, train_task
 
 log = logging.getLogger("inflora")
 
@@ -78,6 +78,7 @@ class Experiment:
                              max_test_per_class=config.scenario.max_test_per_class)
         self.state = RunState()
         self.on_task_end: list[Callable[[Experiment], None]] = []
+        self.step_loggers: list[StepLogger] = []
 
     @property
     def num_tasks(self) -> int:
@@ -112,7 +113,7 @@ class Experiment:
             learner.begin_task(ctx)
         log.info("task %d/%d: %d classes, %d training samples", task + 1, self.num_tasks, len(ctx.classes),
                  len(self.data.train_indices(learner.training_tasks(task))))
-        trained = train_task(learner, ctx, self.data, self.config.train, self.progress)
+        trained = train_task(learner, ctx, self.data, self.config.train, self.progress, self.step_loggers)
         timings["train_s"] = trained["train_s"]
         with rt.timer(timings, "end_s"):
             learner.end_task(ctx)

@@ -12,8 +12,9 @@ Definitions (``T`` tasks, indices from 0):
   else the task-averaged ``(1 / (t + 1)) sum_j a[t][j]``.
 * Final accuracy ``A_{T-1}`` (:func:`final_accuracy`); average incremental accuracy
   ``A_bar = (1 / T) sum_t A_t`` (:func:`average_accuracy`).
-* Forgetting ``F = mean_{j < T-1} max_{j <= i <= T-2} (a[i][j] - a[T-1][j])`` (:func:`forgetting`; not clipped
-  at 0, so it can be negative when accuracy on old tasks rose).
+* Forgetting of task ``j < T-1``: ``f_j = max_{j <= i <= T-2} (a[i][j] - a[T-1][j])`` (:func:`forgetting_per_task`);
+  forgetting ``F = mean_{j < T-1} f_j`` (:func:`forgetting`; not clipped at 0, so it can be negative when accuracy
+  on old tasks rose).
 * Backward transfer ``BWT = mean_{j < T-1} (a[T-1][j] - a[j][j])`` (:func:`backward_transfer`).
 
 With a single task (``T == 1``) forgetting and BWT are ``0.0``.
@@ -33,6 +34,7 @@ __all__ = [
     "backward_transfer",
     "final_accuracy",
     "forgetting",
+    "forgetting_per_task",
     "mean_std",
     "summarize",
 ]
@@ -122,14 +124,19 @@ def average_accuracy(acc: Any, counts: Sequence[float] | np.ndarray | None = Non
     return float(np.mean([_row_mean(r, w, f"A_{t}") for t, r in enumerate(rows)]))
 
 
-def forgetting(acc: Any) -> float:
-    """Forgetting ``F = mean_{j<T-1} max_{j<=i<=T-2} (acc[i][j] - acc[T-1][j])``; ``0.0`` when ``T == 1``."""
+def forgetting_per_task(acc: Any) -> list[float]:
+    """Forgetting of every task but the last, ``f_j = max_{j<=i<=T-2} (acc[i][j] - acc[T-1][j])`` for
+    ``j < T-1`` (the best accuracy task ``j`` ever had before the last task minus its final accuracy); empty when
+    ``T == 1``."""
     rows = _rows(acc)
     last = len(rows) - 1
-    if last == 0:
-        return 0.0
-    drops = [max(rows[i][j] for i in range(j, last)) - rows[last][j] for j in range(last)]
-    return float(np.mean(drops))
+    return [float(max(rows[i][j] for i in range(j, last)) - rows[last][j]) for j in range(last)]
+
+
+def forgetting(acc: Any) -> float:
+    """Forgetting ``F = mean_{j<T-1} max_{j<=i<=T-2} (acc[i][j] - acc[T-1][j])``; ``0.0`` when ``T == 1``."""
+    drops = forgetting_per_task(acc)
+    return float(np.mean(drops)) if drops else 0.0
 
 
 def backward_transfer(acc: Any) -> float:

@@ -1,8 +1,10 @@
 """The run folder: what inflora writes into it, and removing exactly that.
 
 ``--overwrite`` and a fresh start remove only files inflora wrote, recognised by their exact names (``results.json``,
-``config.yaml``, ``run.log``, ``summary.json``, ``seed_N/`` run folders, and inside ``checkpoints/``: ``latest``,
-``task_NNN/{state.json,tensors.safetensors}``, ``.tmp-task_NNN-PID/`` and the temporary files of atomic writes).
+``config.yaml``, ``run.log``, ``summary.json``, the report's ``comparison.{md,csv,json}`` and ``report.html``,
+``seed_N/`` run folders, inside ``checkpoints/``: ``latest``, ``task_NNN/{state.json,tensors.safetensors}``,
+``.tmp-task_NNN-PID/`` and the temporary files of atomic writes; the report's figures in ``figures/`` and
+TensorBoard's ``events.out.tfevents.*`` files in ``tensorboard/``).
 Anything else stays, and a folder that still holds something else stays too. Nothing is ever followed through a
 symlink: a ``checkpoints`` link, or a ``checkpoints`` folder that resolves outside the run folder, is refused.
 """
@@ -24,7 +26,15 @@ LATEST = "latest"
 STATE_FILE = "state.json"
 TENSOR_FILE = "tensors.safetensors"
 CONFIG_FILE = "config.yaml"
-RUN_FILES = ("results.json", CONFIG_FILE, "run.log", "summary.json", ".write-test")
+REPORT_FILES = ("comparison.md", "comparison.csv", "comparison.json", "report.html")
+"""What ``inflora report`` (and ``inflora compare``) write beside the runs."""
+RUN_FILES = ("results.json", CONFIG_FILE, "run.log", "summary.json", ".write-test", *REPORT_FILES)
+FIGURES = "figures"
+FIGURE_FILE = re.compile(r"(accuracy_curves|final_accuracy|forgetting_per_task|time_per_task"
+                         r"|(heatmap|memory)-[A-Za-z0-9][A-Za-z0-9._=+-]*)\.png")
+"""The report's figures (``figures/NAME.png``); report modules name their files through it."""
+TENSORBOARD = "tensorboard"
+EVENT_FILE = re.compile(r"events\.out\.tfevents\.[^/]+")
 TASK_DIR = re.compile(r"task_\d+")
 TMP_TASK_DIR = re.compile(r"\.tmp-task_\d+-\d+")
 SEED_DIR = re.compile(r"seed_-?\d+")
@@ -102,6 +112,17 @@ def _remove_if_ours(folder: Path, names: tuple[str, ...]) -> None:
             child.unlink()
 
 
+def _remove_matching(folder: Path, pattern: re.Pattern[str]) -> None:
+    """Remove the plain files of ``folder`` whose names match ``pattern``, then the folder if it is empty (never
+    through a symlink)."""
+    if not _is_plain_dir(folder):
+        return
+    for child in folder.iterdir():
+        if _is_plain_file(child) and pattern.fullmatch(child.name):
+            child.unlink()
+    _rmdir_if_empty(folder)
+
+
 def clear_checkpoints(out: Path) -> None:
     """Remove the checkpoints inflora wrote into ``out/checkpoints`` (a fresh run must never be resumed from an
     older run's checkpoint); other files stay, and so does the folder when it still holds any."""
@@ -127,6 +148,8 @@ def clear_run(out: Path) -> None:
     for folder in _run_folders(out):
         clear_checkpoints(folder)
         _remove_if_ours(folder, RUN_FILES)
+        for name, pattern in ((FIGURES, FIGURE_FILE), (TENSORBOARD, EVENT_FILE)):
+            _remove_matching(folder / name, pattern)
         if folder != Path(out):
             _rmdir_if_empty(folder)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .distributed import is_distributed, local_rank, rank, world_size
 
 SEED_MODULUS = 2**63
@@ -28,6 +29,22 @@ def derive_seed(seed: int, index: int = 0, purpose: int = 0) -> int:
     ``e``'s batch order; a sample's random transform uses ``derive_seed(epoch seed, sample index)``.
     """
     return (int(seed) * 1_000_003 + int(index) * 10_007 + int(purpose) * 101) % SEED_MODULUS
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """Seeds from ``--seeds 0,1,2`` (None when not given): distinct integers in ``[0, 2**63)``."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {text!r}") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds expects distinct integers, got {text!r}")
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise ConfigError(f"--seeds must be integers in [0, 2**63), got {', '.join(map(str, bad))}")
+    return seeds
 
 
 class Purpose:

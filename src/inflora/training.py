@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +27,23 @@ class TrainingDiverged(RuntimeError):
         super().__init__(f"loss is {loss} at task {task}, epoch {epoch}, step {step}: training diverged "
                          "(try a lower learning rate); the last complete task's checkpoint is kept")
         self.task, self.epoch, self.step = task, epoch, step
+
+
+@dataclass
+class StepRecord:
+    """One training step as the loop's loggers see it: the task, the epoch, the step within the epoch (all from 0),
+    the epoch's number of steps, the loss (the global batch's mean under torchrun) and the learner's logged figures."""
+
+    task: int
+    epoch: int
+    step: int
+    steps: int
+    loss: float
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+StepLogger = Callable[[StepRecord], None]
+"""A per-step hook of the training loop (e.g. TensorBoard); it sees every step after the optimiser's update."""
 
 
 class TaskStep(nn.Module):
@@ -83,11 +102,11 @@ def make_optimizer(train: Any, groups: list[dict[str, Any]]) -> torch.optim.Opti
     return torch.optim.SGD(groups, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
-def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, progress: bool = False
-               ) -> dict[str, Any]:
+def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, progress: bool = False,
+               loggers: Sequence[StepLogger] = ()) -> dict[str, Any]:
     """Train task ``ctx.index`` for ``train.epochs`` (``train`` as the learner's ``train_settings`` adjusts it): the
-    learner's groups, its steps on seeded batches of the tasks it trains on. Returns the seconds spent and the last
-    step's logged figures."""
+    learner's groups, its steps on seeded batches of the tasks it trains on; every step is handed to ``loggers`` as
+    a :class:`StepRecord`. Returns the seconds spent and the last step's logged figures."""
     task, runtime = ctx.index, ctx.runtime
     train = learner.train_settings(train)
     groups = learner.parameter_groups(ctx)
@@ -125,6 +144,11 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
             loss.backward()
             optimiser.step()
             seen += batch_size_of(inputs)
+            if loggers:
+                logs = {k: float(v) for k, v in getattr(step_module, "module", step_module).last_logs.items()}
+                record = StepRecord(task, epoch, step, len(weights), value, logs)
+                for logger in loggers:
+                    logger(record)
             bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{seen / (time.perf_counter() - epoch_start):.0f}")
     for p in params:
         p.requires_grad_(False)

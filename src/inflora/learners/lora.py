@@ -116,6 +116,7 @@ class InfLoRALearner(Learner):
         d = self.task_diagnostics
         d["method_s"] = d.get("stats_s", 0.0) + d.get("design_s", 0.0) + d.get("memory_s", 0.0)
         d["memory_dims"] = {k: list(v) for k, v in self.adapter.memory_dims().items()}
+        d["memory_spans"] = self.adapter.memory_spans()
         d["memory_added"] = added
         d["short_sites"] = dict(self.adapter.short[-1]) if self.adapter.short else {}
         d["memory_pass"] = "fused with the classifier's feature pass" if fused else "separate"
