@@ -112,8 +112,7 @@ class TrainConfig:
 class LoggingConfig:
     """What a run logs besides results.json and run.log (never changes results)."""
 
-    tensorboard: bool = opt(False, "write per-step losses and per-task metrics into OUT/tensorboard (TensorBoard "
-                                   "event files; needs the tensorboard package)")
+    tensorboard: bool = opt(False, "TensorBoard event files of per-step losses and per-task metrics in OUT/tensorboard")
 
 
 @dataclass
