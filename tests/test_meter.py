@@ -80,6 +80,34 @@ def test_share_is_zero_inside_the_memory_and_one_orthogonal_to_it(mode: str) -> 
     assert meter.shares(empty, 1)[next(iter(empty.sites))] == [1.0, 1.0]
 
 
+def test_gpm_rule_bounds_the_share_by_the_threshold_and_the_faithful_rule_does_not() -> None:
+    """Classic GPM keeps at least ``eps_t`` of a task's input energy ``tr(C_t)`` in the memory, so right after the
+    task its share outside is at most ``1 - eps_t``. The faithful rule weighs directions by ``S**2``: on inputs
+    dominated by their mean direction it keeps that one direction and leaves far more outside."""
+    generator = torch.Generator().manual_seed(3)
+    shares, bounds = {}, []
+    for energy in ("gpm", "faithful"):
+        adapter = inflora.attach(mlp(), targets=r"^0$", rank=2, num_tasks=3, lamb=0.9, lame=0.99, energy=energy)
+        (name, _), = adapter.sites.items()
+        meter = EnergyMeter(0.0)
+        shares[energy] = []
+        for task in range(3):
+            mean = torch.randn(16, 1, generator=generator, dtype=torch.float64)
+            h = 3.0 * mean / mean.norm() + 0.3 * torch.randn(16, 200, generator=generator, dtype=torch.float64)
+            stats = {name: h @ h.T / 200}
+            adapter.begin_task(stats)
+            if energy == "gpm":
+                bounds.append(1.0 - adapter.threshold())
+            adapter.end_task(stats)
+            meter.record(task, stats)
+            shares[energy].append(meter.shares(adapter, task)[name][task])
+    # from the second task on (GPM's first update keeps the directions *before* the cumulative share reaches eps_0,
+    # measured 0.102 against 1 - eps_0 = 0.1)
+    assert all(0.0 < s <= b + ROUNDING for s, b in zip(shares["gpm"][1:], bounds[1:], strict=True)), (shares, bounds)
+    # measured 0.121 and 0.109 against 0.07 and 0.04: the faithful rule keeps the mean direction and little else
+    assert all(s > b + 0.03 for s, b in zip(shares["faithful"][1:], bounds[1:], strict=True)), (shares, bounds)
+
+
 def test_factor_keeps_the_fewest_directions_within_the_tolerance() -> None:
     q = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64))[0]
     values = torch.tensor([8.0, 4.0, 2.0, 0.5, 0.25, 0.25], dtype=torch.float64)  # trace 15; tails 7, 3, 1, .5, .25
