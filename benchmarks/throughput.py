@@ -21,7 +21,7 @@ included); on the CPU the peak resident set size during the timed steps above th
 lifetime ``ru_maxrss`` delta, which reads 0 when an earlier phase peaked higher). Examples::
 
     python benchmarks/throughput.py --device cuda --json throughput-gpu.json                 # ViT-B/16, batch 64
-    python benchmarks/throughput.py --device cpu --model vit_small_patch16_224 --batch 8 --steps 3 --threads 2
+    python benchmarks/throughput.py --device cpu --batch 4 --steps 2 --warmup 1 --threads 2      # ViT-S/16
 """
 
 from __future__ import annotations
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="1,10", help="comma-separated tasks (1-based) to measure at")
     parser.add_argument("--rank", type=int, default=10, help="rank of each task's branch")
     parser.add_argument("--classes", type=int, default=10, help="classes per task")
-    parser.add_argument("--stats-batch", type=int, default=8, help="images in ours' statistics passes of earlier tasks")
+    parser.add_argument("--stats-batch", type=int, default=2, help="images in ours' statistics passes of the earlier "
+                        "tasks (setup only: their content does not change the timed steps)")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--json", help="also write the measurements to this file")
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak memory: {rows[0]['memory_method']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": card, "model": args.model, "img_size": args.img_size,
-                                               "batch": args.batch,
+                                               "batch": args.batch, "stats_batch": args.stats_batch,
                                                "steps": args.steps, "warmup": args.warmup, "rank": args.rank,
                                                "torch": torch.__version__, "timm": timm.__version__,
                                                "rows": rows, "ratios": ratios}, indent=1) + "\n")
