@@ -117,9 +117,12 @@ def test_checkpoints_layout_and_pruning(reference: Reference) -> None:
     assert meta["tasks_done"] == 3 and meta["method"] == "inflora"
     assert meta["run_state"]["accuracy"] == reference.results["accuracy_matrix"]
     tensors = load_file(root / "task_003" / "tensors.safetensors")
-    assert {k.split(".")[0] for k in tensors} == {"learner", "rng"}  # the learner's state_dict(), saved whole
+    # the learner's state_dict(), saved whole, and the feature-drift references of the three tasks
+    assert {k.split(".")[0] for k in tensors} == {"learner", "probe", "rng"}
     assert tensors["learner.classifier.head_sizes"].tolist() == [3, 3, 3]
     assert "learner.adapter.meta" in tensors and "learner.classifier.class_stats.class5.outer" in tensors
+    assert "learner.meter.site0.factor2" in tensors  # the energy meter's factor of task 3's statistics
+    assert sorted(k for k in tensors if k.startswith("probe.")) == ["probe.task0", "probe.task1", "probe.task2"]
 
 
 def test_resume_of_a_finished_run_changes_nothing(reference: Reference, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from .adapter import (
     PRESETS,
+    EnergyMeter,
     InfLoRAAdapter,
     InfLoRAConfig,
     InputStats,
@@ -13,6 +14,7 @@ from .adapter import (
     design_down,
 )
 from .classifiers import CLASSIFIERS, Classifier, ClassLayout, register_classifier
+from .drift import FeatureProbe, relative_drift
 from .learners import LEARNERS, Learner, LearnerSetup, StepOutput, TaskContext, register_learner
 from .version import __version__
 
@@ -22,6 +24,8 @@ __all__ = [
     "PRESETS",
     "ClassLayout",
     "Classifier",
+    "EnergyMeter",
+    "FeatureProbe",
     "InfLoRAAdapter",
     "InfLoRAConfig",
     "InputStats",
@@ -38,4 +42,5 @@ __all__ = [
     "design_down",
     "register_classifier",
     "register_learner",
+    "relative_drift",
 ]

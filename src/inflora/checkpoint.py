@@ -2,7 +2,8 @@
 
 Layout inside a run folder::
 
-    checkpoints/task_002/tensors.safetensors   the learner's state_dict() (prefix "learner."), torch RNGs
+    checkpoints/task_002/tensors.safetensors   the learner's state_dict() (prefix "learner."), the feature-drift
+                                               references ("probe."), torch RNGs
     checkpoints/task_002/state.json            run state, resolved config, data fingerprint, Python/NumPy RNGs,
                                                checksums of the tensors and of state.json itself
     checkpoints/latest                         "task_002": the last complete checkpoint
@@ -37,7 +38,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .config import ConfigError, RunConfig, to_dict
+from .config import SECTIONS, ConfigError, RunConfig, to_dict
 from .distributed import broadcast_bytes, on_main
 from .faults import fault
 from .results import RunState, atomic_write_text
@@ -112,10 +113,12 @@ def state_checksum(meta: dict[str, Any]) -> str:
 
 
 def save_checkpoint(out: Path, state: RunState, learner_state: dict[str, torch.Tensor], config: RunConfig,
-                    num_tasks: int, cuda: bool = False, keep: int = KEEP, data: dict[str, Any] | None = None) -> Path:
+                    num_tasks: int, cuda: bool = False, keep: int = KEEP, data: dict[str, Any] | None = None,
+                    probe_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the checkpoint after the last finished task of ``state`` into ``out/checkpoints``: the learner's whole
-    ``state_dict()``, the run state, the resolved config, the data fingerprint ``data`` and the RNG states (the CUDA
-    ones when ``cuda``); point ``latest`` at it; prune to the last ``keep``. Returns the checkpoint folder."""
+    ``state_dict()``, the run state, the feature-drift references ``probe_state``, the resolved config, the data
+    fingerprint ``data`` and the RNG states (the CUDA ones when ``cuda``); point ``latest`` at it; prune to the last
+    ``keep``. Returns the checkpoint folder."""
     done = state.tasks_done
     root = checkpoints_dir(Path(out))
     name = f"task_{done:03d}"
@@ -123,6 +126,7 @@ def save_checkpoint(out: Path, state: RunState, learner_state: dict[str, torch.T
     tmp = root / f".tmp-{name}-{os.getpid()}"
     rng_meta, rng_tensors = _rng_state(cuda)
     tensors = {f"learner.{k}": v.detach().cpu().contiguous() for k, v in learner_state.items()}
+    tensors.update({f"probe.{k}": v.detach().cpu().contiguous() for k, v in (probe_state or {}).items()})
     tensor_bytes = save_tensors({**tensors, **rng_tensors})
     meta = {
         "format": FORMAT,
@@ -328,9 +332,18 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
-    """Keys (dotted) whose values differ between a saved config and ``config``, cosmetic keys excepted."""
+    """Keys (dotted) whose values differ between a saved config and ``config``, cosmetic keys excepted. A key the
+    saved config lacks although it has the key's section (or the section is one of the run config's own, such as
+    ``evaluation``) was added by a later version: it counts as its default value."""
     mine = _flatten(json.loads(json.dumps(to_dict(config))))
     theirs = _flatten(saved)
+    defaults = _flatten(json.loads(json.dumps(to_dict(RunConfig(method=config.method,
+                                                                 classifier=config.classifier)))))
+    sections = {k.split(".")[0] for k in theirs}
+    for key, value in defaults.items():
+        section = key.split(".")[0]
+        if key not in theirs and (section in sections or section not in SECTIONS):
+            theirs[key] = value
     keys = sorted((set(mine) | set(theirs)) - COSMETIC_KEYS)
     return [k for k in keys if mine.get(k) != theirs.get(k)]
 

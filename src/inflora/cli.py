@@ -137,7 +137,8 @@ def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool,
     if checkpoint is not None:
         experiment.restore(checkpoint)  # refuses other data
     space = next((p for p in (out, *out.absolute().parents) if p.exists()), Path.cwd())
-    on_main(lambda: check_free_space(space, experiment.learner.estimate_state_bytes()))
+    on_main(lambda: check_free_space(space, experiment.learner.estimate_state_bytes() + experiment.probe.estimate_bytes(
+        experiment.num_tasks, experiment.backbone.feature_dim)))
     if main:  # the run starts: from here on it writes
         if before_write is not None:
             before_write()
@@ -148,7 +149,8 @@ def run_one(config: RunConfig, out: Path, resume: bool, quiet: bool,
         _log_to_file(out / "run.log", buffer)
         experiment.on_task_end.append(lambda e: save_checkpoint(out, e.state, e.learner.state_dict(), e.config,
                                                                e.num_tasks, cuda=e.device.type == "cuda",
-                                                               data=e.fingerprint))
+                                                               data=e.fingerprint,
+                                                               probe_state=e.probe.state_dict()))
     board = _tensorboard(experiment, out) if main and config.logging.tensorboard else None
     try:
         results = experiment.run()

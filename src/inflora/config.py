@@ -116,6 +116,14 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What the evaluation pass after each task measures besides accuracy."""
+
+    probe_samples: int = opt(64, "evaluation samples per task (fixed, seeded) whose features are kept when the task is "
+                                 "learnt, to report their relative drift after later tasks (0: off)")
+
+
+@dataclass
 class RunConfig:
     """A whole continual-learning run. Besides these fields, the chosen method's and classifier's option sections
     (e.g. ``inflora:``, ``aligned:``) live in ``sections``; read them with :meth:`options`."""
@@ -131,6 +139,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False,
                                                 metadata={"help": "option sections", "internal": True})
     cli_sections: set[str] = field(default_factory=set, repr=False, compare=False,
@@ -366,6 +375,8 @@ def validate(config: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if config.evaluation.probe_samples < 0:
+        raise ConfigError(f"evaluation.probe_samples must be >= 0 (0: off), got {config.evaluation.probe_samples}")
     if not (config.train.lr > 0 and math.isfinite(config.train.lr)):
         raise ConfigError(f"train.lr must be a finite number > 0, got {config.train.lr}")
     if config.train.head_lr is not None and not (config.train.head_lr > 0 and math.isfinite(config.train.head_lr)):

@@ -15,6 +15,7 @@ from .classifiers import CLASSIFIERS, ClassLayout
 from .config import ConfigError, RunConfig, to_dict
 from .data import ContinualDataset, Scenario, apply_cipher, class_incremental, domain_incremental, load_dataset
 from .data.fingerprint import fingerprint_differences, scenario_fingerprint
+from .drift import FeatureProbe
 from .evaluation import evaluate
 from .learners import LEARNERS, Learner, LearnerSetup, TaskContext
 from .metrics import accuracy_after
@@ -76,6 +77,7 @@ class Experiment:
                              num_workers=config.train.num_workers, transforms=config.data.transforms,
                              img_size=self.backbone.img_size or 224, eval_split=config.scenario.eval_split,
                              max_test_per_class=config.scenario.max_test_per_class)
+        self.probe = FeatureProbe(config.evaluation.probe_samples)
         self.state = RunState()
         self.on_task_end: list[Callable[[Experiment], None]] = []
         self.step_loggers: list[StepLogger] = []
@@ -118,11 +120,11 @@ class Experiment:
         with rt.timer(timings, "end_s"):
             learner.end_task(ctx)
         with rt.timer(timings, "eval_s"):
-            row, til, tid = evaluate(learner, self.data, self.layout, task)
+            row, til, tid = evaluate(learner, self.data, self.layout, task, self.probe)
         diagnostics = {"trainable_parameters": trained["trainable_parameters"], **learner.diagnostics(),
                        **({"last_step": trained["logs"]} if trained["logs"] else {})}
         share = float(diagnostics.get("method_s", 0.0)) / timings["train_s"] if timings["train_s"] > 0 else 0.0
-        self.state.add_task(row, til, tid, timings, diagnostics)
+        self.state.add_task(row, til, tid, timings, diagnostics, self.probe.row if self.probe.active else None)
         log.info("task %d: accuracy on seen tasks %s (mean %.2f); train %.1fs, method-specific work %.1f%%",
                  task + 1, " ".join(f"{a:.1f}" for a in row),
                  accuracy_after(self.state.accuracy, task, self.data.eval_counts()[: task + 1]),
@@ -130,8 +132,8 @@ class Experiment:
 
     # ------------------------------------------------------------------------------------------ state
     def restore(self, checkpoint: Checkpoint) -> None:
-        """Load ``checkpoint`` into this freshly built experiment: learner state, run state and RNG states;
-        :meth:`run` then continues at the next task."""
+        """Load ``checkpoint`` into this freshly built experiment: learner state, run state, the feature-drift
+        references and RNG states; :meth:`run` then continues at the next task."""
         check_config(checkpoint, self.config)
         meta = checkpoint.meta
         self.check_data(checkpoint)
@@ -143,6 +145,7 @@ class Experiment:
         try:
             self.learner.load_state_dict(checkpoint.section("learner"))
             self.state = RunState(**meta["run_state"])
+            self.probe.load_state_dict(checkpoint.section("probe"))
             restore_rng(checkpoint)
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {checkpoint.path} does not fit this run: {exc}") from exc

@@ -25,8 +25,9 @@ def derive_seed(seed: int, index: int = 0, purpose: int = 0) -> int:
     Purposes used by the package: 0 task start (head initialisation, dropout), 1 statistics subsample, 2 statistics
     pass, 3 classifier alignment, 4 designed or random down-projections, 5 evaluation subsample, 6 a text cipher's
     letters (from the cipher's own seed, not the run's), 7 k-means seeding (task identification), 8 prompt
-    initialisation (prompt methods: index 0 at construction, the task index for per-task components), ``10 + e`` epoch
-    ``e``'s batch order; a sample's random transform uses ``derive_seed(epoch seed, sample index)``.
+    initialisation (prompt methods: index 0 at construction, the task index for per-task components), 9 feature-drift
+    probe samples, ``10 + e`` epoch ``e``'s batch order; a sample's random transform uses
+    ``derive_seed(epoch seed, sample index)``.
     """
     return (int(seed) * 1_000_003 + int(index) * 10_007 + int(purpose) * 101) % SEED_MODULUS
 
@@ -59,6 +60,7 @@ class Purpose:
     CIPHER = 6
     KMEANS = 7
     PROMPTS = 8
+    PROBE = 9
     EPOCH = 10
 
 

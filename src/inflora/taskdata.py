@@ -154,12 +154,36 @@ class TaskData:
     def eval_counts(self) -> list[int]:
         return [len(self.eval_indices(t)) for t in range(self.scenario.num_tasks)]
 
+    def _eval_pairs(self, upto: int) -> list[tuple[int, int]]:
+        """``(sample, its task)`` of every seen task's evaluation samples, in the order of :meth:`eval_pass`."""
+        pairs = [(i, j) for j in range(upto + 1) for i in self.eval_indices(j)]
+        return [pairs[k] for k in self.length_order(self.eval_split, [i for i, _ in pairs])]
+
     def eval_pass(self, upto: int) -> tuple[Iterator[tuple[Any, torch.Tensor]], torch.Tensor]:
         """One pass over every seen task's evaluation samples in length order (this rank's share), and the task
         of each of this rank's samples in pass order."""
-        pairs = [(i, j) for j in range(upto + 1) for i in self.eval_indices(j)]  # (sample, its task)
-        pairs = [pairs[k] for k in self.length_order(self.eval_split, [i for i, _ in pairs])]
+        pairs = self._eval_pairs(upto)
         dataset = self.split(self.eval_split, [i for i, _ in pairs], train_transforms=False)
         rt = self.runtime
         owner = torch.tensor([j for _, j in pairs], dtype=torch.long)[rt.rank :: rt.world_size].to(rt.device)
         return self._batches(self.loader(self.shard(dataset), self.eval_batch_size)), owner
+
+    def probe_indices(self, task: int, per_task: int) -> list[int]:
+        """A fixed seeded subset of ``per_task`` of task ``task``'s evaluation samples (all when it has fewer),
+        sorted; like the evaluation subsample it does not depend on the run seed."""
+        indices = self.eval_indices(task)
+        if per_task >= len(indices):
+            return sorted(indices)
+        rng = np.random.RandomState(derive_seed(EVAL_SUBSAMPLE_SEED, task, Purpose.PROBE) % 2**32)
+        return sorted(rng.choice(indices, size=per_task, replace=False).tolist())
+
+    def probe_slots(self, upto: int, per_task: int) -> tuple[torch.Tensor, list[int]]:
+        """For this rank's samples of :meth:`eval_pass` ``(upto)``, in pass order, the row of each in the probe
+        table (tasks ``0..upto`` one after the other, each in :meth:`probe_indices` order; -1: not a probe sample),
+        and the number of probe samples of each task."""
+        chosen = [self.probe_indices(j, per_task) for j in range(upto + 1)]
+        offsets = np.cumsum([0, *(len(c) for c in chosen)]).tolist()
+        row = {(i, j): offsets[j] + k for j, c in enumerate(chosen) for k, i in enumerate(c)}
+        rt = self.runtime
+        slots = [row.get(pair, -1) for pair in self._eval_pairs(upto)][rt.rank :: rt.world_size]
+        return torch.tensor(slots, dtype=torch.long, device=rt.device), [len(c) for c in chosen]

@@ -9,7 +9,8 @@ diagnostics and its export. The engine calls, for each task ``t``::
     learner.begin_epoch(epoch, ctx)              # per epoch, e.g. keep a part frozen for the first epochs
     out = learner.training_step(inputs, labels, ctx)   # per batch: StepOutput(loss, logs)
     learner.end_task(ctx)                        # e.g. grow a memory, merge, feed and re-align the classifier
-    logits = learner.predict(inputs, upto=t)     # evaluation, no task identity
+    logits = learner.predict(inputs, upto=t)     # evaluation, no task identity (predict_with_features when the
+                                                 # feature-drift probe is on: the logits and the features)
     learner.diagnostics()                        # into results.json, per task
 
 and checkpoints ``learner.state_dict()`` whole. A method composes an adaptation policy with a classifier
@@ -215,6 +216,17 @@ class Learner:
         with self.runtime.autocast():
             features = self.features(inputs)
         return self.classifier.logits(features.float(), upto)
+
+    def predict_with_features(self, inputs: Any, upto: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict`'s logits and, from the same forward pass, the features (float32, ``(n, feature_dim)``)
+        the classifier read, or None: the evaluation pass measures feature drift with them
+        (:mod:`inflora.drift`). The default computes the features once and the classifier's logits; a learner
+        that overrides :meth:`predict` gets ``(predict(...), None)`` unless it overrides this method too."""
+        if type(self).predict is not Learner.predict:
+            return self.predict(inputs, upto), None
+        with self.runtime.autocast():
+            features = self.features(inputs).float()
+        return self.classifier.logits(features, upto), features
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

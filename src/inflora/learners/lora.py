@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter import InfLoRAAdapter, InfLoRAConfig, StatsCollector, attach, find_sites
+from ..adapter import EnergyMeter, InfLoRAAdapter, InfLoRAConfig, StatsCollector, attach, find_sites
 from ..adapter.options import DesignOptions, RankOptions, TargetOptions
 from ..batches import attention_mask_of
 from ..config import opt
@@ -52,12 +52,20 @@ class InfLoRAOptions(TargetOptions, DesignOptions):
     stats_samples: int | None = opt(None, "training samples per task in the design statistics pass (None: all); "
                                           "the memory pass uses the same subsample unless it is fused with the "
                                           "classifier's feature pass")
+    energy_meter: bool = opt(True, "after each task, report per layer the share of every old task's input energy "
+                                   "outside the memory (diagnostics energy_outside; keeps a factor of each task's "
+                                   "input statistics in the learner state)")
+    meter_tolerance: float = opt(1e-3, "energy meter: share of a task's input energy its stored factor may drop; the "
+                                       "reported shares overstate the true ones by at most this (0: exact)")
 
     def validate(self) -> None:
         TargetOptions.validate(self)
         DesignOptions.validate(self)
         if self.stats_samples is not None and self.stats_samples < 1:
             raise ValueError(f"stats_samples must be >= 1 or null, got {self.stats_samples}")
+        tol = self.meter_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol < 1.0:
+            raise ValueError(f"meter_tolerance must lie in [0, 1), got {tol!r}")
 
 
 @register_learner("inflora")
@@ -76,6 +84,7 @@ class InfLoRALearner(Learner):
                                                                                     num_tasks=setup.num_tasks))
         self.adapter.generator = torch.Generator()
         self.stats_samples = o.stats_samples
+        self.meter = EnergyMeter(o.meter_tolerance) if o.energy_meter else None
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return self.adapter.trainable_parameters()
@@ -114,6 +123,10 @@ class InfLoRALearner(Learner):
             added = self.adapter.end_task(stats)
         self.finish_task(ctx, observed=fused)
         d = self.task_diagnostics
+        if self.meter is not None:  # a diagnostic: its time is not the method's
+            with self.runtime.timer(d, "meter_s"):
+                d["meter_dims"] = self.meter.record(ctx.index, stats)
+                d.update(self.meter.report(self.adapter, ctx.index))
         d["method_s"] = d.get("stats_s", 0.0) + d.get("design_s", 0.0) + d.get("memory_s", 0.0)
         d["memory_dims"] = {k: list(v) for k, v in self.adapter.memory_dims().items()}
         d["memory_spans"] = self.adapter.memory_spans()
@@ -122,16 +135,24 @@ class InfLoRALearner(Learner):
         d["memory_pass"] = "fused with the classifier's feature pass" if fused else "separate"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**super().state_dict(), **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}}
+        state = {**super().state_dict(), **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}}
+        if self.meter is not None:
+            state.update({f"meter.{k}": v for k, v in self.meter.state_dict(list(self.adapter.sites)).items()})
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state_dict(state)
         self.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+        if self.meter is not None:  # a state without meter entries (meter off, or older) leaves those tasks unmeasured
+            self.meter.load_state_dict({k[len("meter."):]: v for k, v in state.items() if k.startswith("meter.")},
+                                       list(self.adapter.sites), [s.dim for s in self.adapter.sites.values()])
 
     def estimate_state_bytes(self) -> int:
         total, rank = super().estimate_state_bytes(), self.adapter.config.rank
         for site in self.adapter.sites.values():
             total += 8 * site.dim * site.dim
+            if self.meter is not None:  # float32 factors of at most d columns per task, and a trace
+                total += (4 * site.dim * site.dim + 8) * self.num_tasks
             total += sum(4 * rank * (layer.in_features + layer.adapted_out) for _, layer in site.layers) * \
                 self.num_tasks
         return total
