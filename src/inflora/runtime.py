@@ -22,7 +22,8 @@ def derive_seed(seed: int, index: int = 0, purpose: int = 0) -> int:
     task is seeded from such a value, so any task can be replayed alone (a resumed run repeats exactly).
 
     Purposes used by the package: 0 task start (head initialisation, dropout), 1 statistics subsample, 2 statistics
-    pass, 3 classifier alignment, 4 designed or random down-projections, 5 evaluation subsample, ``10 + e`` epoch
+    pass, 3 classifier alignment, 4 designed or random down-projections, 5 evaluation subsample, 6 a fixed random
+    feature projection, 7 the ridge classifier's fit/held-out split, ``10 + e`` epoch
     ``e``'s batch order; a sample's random transform uses ``derive_seed(epoch seed, sample index)``.
     """
     return (int(seed) * 1_000_003 + int(index) * 10_007 + int(purpose) * 101) % SEED_MODULUS
@@ -37,6 +38,8 @@ class Purpose:
     ALIGN = 3
     DESIGN = 4
     EVAL_SUBSAMPLE = 5
+    PROJECTION = 6
+    RIDGE_SPLIT = 7
     EPOCH = 10
 
 

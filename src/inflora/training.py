@@ -84,10 +84,13 @@ def make_optimizer(train: Any, groups: list[dict[str, Any]]) -> torch.optim.Opti
 def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, progress: bool = False
                ) -> dict[str, Any]:
     """Train task ``ctx.index`` for ``train.epochs``: the learner's groups, its steps on seeded batches of the
-    tasks it trains on. Returns the seconds spent and the last step's logged figures."""
+    tasks it trains on. Returns the seconds spent and the last step's logged figures. A learner whose groups hold
+    no parameter has nothing to train in this task: no epoch runs."""
     task, runtime = ctx.index, ctx.runtime
     groups = learner.parameter_groups(ctx)
     params = [p for g in groups for p in g["params"]]
+    if not params:
+        return {"train_s": 0.0, "logs": {}, "trainable_parameters": 0}
     for p in params:
         p.requires_grad_(True)
     optimiser = make_optimizer(train, groups)

@@ -118,6 +118,20 @@ class InfLoRALearner(Learner):
         return super().export_parts(upto)
 
 
+def wrap_sites(backbone: nn.Module, options: TargetOptions, rank: int) -> list[list[LoRALinear]]:
+    """Wrap the layers ``options`` choose (a preset, by default the backbone's, or a regex) in LoRA layers, grouped
+    by site (layers sharing an input); every layer must be at least ``rank`` wide."""
+    specs = find_sites(backbone, preset=_preset(options, backbone), targets=options.targets, blocks=options.blocks)
+    for spec in specs:
+        for name in spec.layers:
+            width = backbone.get_submodule(name).in_features
+            if rank > width:
+                raise ValueError(f"rank {rank} exceeds the input width {width} of layer {name!r}")
+    wrapped = dict(wrap_linears(backbone, [(n, s) for spec in specs
+                                           for n, s in zip(spec.layers, spec.slices, strict=True)]))
+    return [[wrapped[n] for n in spec.layers] for spec in specs]
+
+
 @dataclass
 class LoRAOptions(TargetOptions, RankOptions):
     """Options of plain LoRA policies: where to adapt and the rank."""
@@ -138,15 +152,7 @@ class SeqLoRALearner(Learner):
         super().__init__(setup)
         o: LoRAOptions = setup.options or LoRAOptions()
         self.rank = o.rank
-        specs = find_sites(self.backbone, preset=_preset(o, self.backbone), targets=o.targets, blocks=o.blocks)
-        for spec in specs:
-            for name in spec.layers:
-                width = self.backbone.get_submodule(name).in_features
-                if o.rank > width:
-                    raise ValueError(f"rank {o.rank} exceeds the input width {width} of layer {name!r}")
-        wrapped = dict(wrap_linears(self.backbone, [(n, s) for spec in specs
-                                                    for n, s in zip(spec.layers, spec.slices, strict=True)]))
-        self.sites: list[list[LoRALinear]] = [[wrapped[n] for n in spec.layers] for spec in specs]
+        self.sites: list[list[LoRALinear]] = wrap_sites(self.backbone, o, o.rank)
         self.generator = torch.Generator()
 
     def layers(self) -> list[LoRALinear]:
