@@ -174,6 +174,12 @@ def test_ridge_accumulated_over_tasks_equals_one_solve_on_all_data(m: int) -> No
         assert torch.allclose(x @ weight.T + bias, clf.logits(x, 2), atol=1e-5)
     state = clf.state_tensors()
     assert clf.estimate_state_bytes() >= sum(v.numel() * v.element_size() for v in state.values())
+    restored = RidgeClassifier(d, layout, RidgeOptions(projection_dim=m, lambdas=[lam]), CPU)
+    restored.load_state_tensors(state)
+    x = torch.randn(3, d, generator=gen)
+    assert torch.equal(restored.logits(x, 2), clf.logits(x, 2))
+    with pytest.raises(ValueError, match="projection_dim"):
+        RidgeClassifier(d, layout, RidgeOptions(projection_dim=m + 3), CPU).load_state_tensors(state)
 
 
 def test_ridge_options_are_checked() -> None:
@@ -356,6 +362,24 @@ def test_tiny_bert_end_to_end(text_root: Path, kind: str, extra: list[str]) -> N
     assert len(results["accuracy_matrix"]) == 2 and all(0 <= a <= 100 for a in results["accuracy_matrix"][-1])
     first_session = [d["trainable_parameters"] > 0 for d in results["diagnostics"]]
     assert first_session == ([True, False] if extra[0] == "method=aper" else [False, False])
+
+
+def test_simplecil_on_normalised_text_features_exports_as_one_linear_layer(text_root: Path, tmp_path: Path) -> None:
+    from inflora.export import ExportedModel, export_experiment
+
+    config = load_config("clinc150", ["data.name=ff-text", f"data.data_dir={text_root}", "method=simplecil",
+                                      f"model.backbone=hf:{text_root / 'bert'}", "model.max_length=16",
+                                      "model.options={normalize: true}", "scenario.num_tasks=2",
+                                      "scenario.order=natural", "train.progress=false", "prototype.scale=10"])
+    experiment = Experiment(config)
+    experiment.run()
+    manifest = export_experiment(experiment, tmp_path / "model")  # verified against predict on a probe batch
+    assert manifest["num_classes"] == 4
+    model = ExportedModel.load(tmp_path / "model")
+    inputs, _ = experiment.backbone.collate([("the cat sat mat one", 0), ("a fish swam deep two", 3)])
+    experiment.learner.train_mode(False)
+    with torch.no_grad():
+        assert torch.allclose(model(inputs), experiment.learner.predict(inputs, 1), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ configuration

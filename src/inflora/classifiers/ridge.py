@@ -161,10 +161,13 @@ class RidgeClassifier(Classifier):
         for key in ("projection", "gram", "targets", "weight", "chosen"):
             if key not in state:
                 raise ValueError(f"ridge classifier state has no {key!r}")
-        for key in ("gram", "targets", "weight"):
-            if tuple(state[key].shape) != tuple(getattr(self, key).shape):
+        drawn = (self.feature_dim, self.options.projection_dim) if self.options.projection_dim else (0,)
+        shapes = {"gram": [tuple(self.gram.shape)], "targets": [tuple(self.targets.shape)],
+                  "weight": [tuple(self.weight.shape)], "projection": [drawn, (0,)]}  # (0,): not drawn yet
+        for key, allowed in shapes.items():
+            if tuple(state[key].shape) not in allowed:
                 raise ValueError(f"ridge state {key!r} has shape {tuple(state[key].shape)}, this run needs "
-                                 f"{tuple(getattr(self, key).shape)} (projection_dim or classes differ)")
+                                 f"{allowed[0]} (projection_dim, the feature width or the classes differ)")
         for key in ("projection", "gram", "targets", "weight", "chosen"):
             setattr(self, key, state[key].to(self.device, torch.float64).clone())
 
