@@ -21,12 +21,14 @@ SECTIONS: dict[str, tuple[str, type]] = {}
 """Option sections: name -> (kind, dataclass type). Filled by the package's method and classifier registries."""
 CHOICES: dict[str, set[str]] = {"method": set(), "classifier": set()}
 """Valid values of ``method`` and ``classifier`` (filled by the same registries)."""
+OWN_CLASSIFIER: dict[str, str | None] = {}
+"""The classifier a method *is*, if any (``simplecil`` -> ``prototype``): its runs use it whatever a preset says."""
 
 
-def register_choice(kind: str, name: str, options: type | None) -> None:
-    """Declare a ``method`` or ``classifier`` value and its option section (a dataclass built with :func:`opt`
-    fields, or ``None``). Called by the learner and classifier registries; this module imports nothing else of
-    the package."""
+def register_choice(kind: str, name: str, options: type | None, classifier: str | None = None) -> None:
+    """Declare a ``method`` or ``classifier`` value, its option section (a dataclass built with :func:`opt` fields,
+    or ``None``) and, for a method that is a classifier, that classifier. Called by the learner and classifier
+    registries; this module imports nothing else of the package."""
     if kind not in CHOICES:
         raise ValueError(f"kind must be one of {sorted(CHOICES)}, got {kind!r}")
     if options is not None:
@@ -37,6 +39,8 @@ def register_choice(kind: str, name: str, options: type | None) -> None:
             raise ValueError(f"option section {name!r} is already registered by {owner[0]} {name!r}")
         SECTIONS[name] = (kind, options)
     CHOICES[kind].add(name)
+    if kind == "method":
+        OWN_CLASSIFIER[name] = classifier
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -226,16 +230,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def apply_mapping(config: Any, mapping: dict[str, Any], prefix: str = "") -> None:
     """Set fields of the dataclass ``config`` from a nested mapping, validating keys and types. On a
     :class:`RunConfig`, a top-level key naming a registered method or classifier holds that option section."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {mapping!r}")
-    hints = _hints(type(config))
+    hints = typing.get_type_hints(type(config))
     names = [f.name for f in dataclasses.fields(config) if not f.metadata.get("internal")]
     for key, value in mapping.items():
         full = f"{prefix}{key}"
@@ -254,8 +254,7 @@ def apply_mapping(config: Any, mapping: dict[str, Any], prefix: str = "") -> Non
 
 def _set_section(config: RunConfig, section: str, mapping: Any) -> None:
     """Merge ``mapping`` into option section ``section``, checked against its typed options now."""
-    if mapping is None:
-        mapping = {}
+    mapping = {} if mapping is None else mapping
     if not isinstance(mapping, dict):
         raise ConfigError(f"{section}: expected a mapping of options, got {mapping!r}")
     merged = {**config.sections.get(section, {}), **mapping}
@@ -340,6 +339,12 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] | tuple[
     config = from_dict(mapping)
     for assignment in overrides:
         set_override(config, assignment)
+    own = OWN_CLASSIFIER.get(config.method)
+    if own and config.classifier != own:  # a method that is a classifier replaces a preset's, refuses another one
+        if any(a.split("=", 1)[0].strip() == "classifier" for a in overrides):
+            raise ConfigError(f"method {config.method!r} is the classifier {own!r}: it cannot run with classifier "
+                              f"{config.classifier!r} (drop that override)")
+        config.classifier = own
     if config.model.options.get("trust_remote_code") and not _cli_trusts_remote_code(overrides):
         raise ConfigError(f"{source} sets model.options.trust_remote_code, which runs the model folder's Python code: "
                           "refused from a preset or file; if you trust that code, pass it on the command line "
@@ -364,6 +369,9 @@ def validate(config: RunConfig) -> None:
         if name not in CHOICES[kind]:
             valid = ", ".join(sorted(CHOICES[kind])) or "(none registered)"
             raise ConfigError(f"{kind}: {name!r} is not one of {valid}")
+    if OWN_CLASSIFIER.get(config.method) not in (None, config.classifier):
+        raise ConfigError(f"method {config.method!r} is the classifier {OWN_CLASSIFIER[config.method]!r}, not "
+                          f"{config.classifier!r}")
     chosen = {config.method, config.classifier}
     stray = sorted(s for s in config.cli_sections if s not in chosen)
     if stray:

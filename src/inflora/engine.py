@@ -67,11 +67,13 @@ class Experiment:
             raise ValueError(f"backbone {config.model.backbone!r} reads {self.backbone.modality} inputs but dataset "
                              f"{config.data.name!r} holds {self.dataset.modality} data")
         self.layout = ClassLayout.create(self.scenario.kind, [len(t.classes) for t in self.scenario.tasks])
-        classifier = CLASSIFIERS.get(config.classifier)(self.backbone.feature_dim, self.layout,
-                                                        config.classifier_options, self.runtime.device)
+        learner_type = LEARNERS.get(config.method)
+        classifier = CLASSIFIERS.get(config.classifier)(
+            learner_type.classifier_feature_dim(self.backbone, config.method_options), self.layout,
+            config.classifier_options, self.runtime.device)
         setup = LearnerSetup(self.backbone, classifier, config.method_options, config.train, self.runtime,
                              self.scenario.num_tasks, config.seed)
-        self.learner: Learner = LEARNERS.get(config.method)(setup)
+        self.learner: Learner = learner_type(setup)
         self.data = TaskData(self.dataset, self.scenario, self.backbone.collate, seed=config.seed,
                              runtime=self.runtime, eval_batch_size=config.train.eval_batch_size,
                              num_workers=config.train.num_workers, transforms=config.data.transforms,

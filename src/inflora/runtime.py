@@ -26,8 +26,9 @@ def derive_seed(seed: int, index: int = 0, purpose: int = 0) -> int:
     pass, 3 classifier alignment, 4 designed or random down-projections, 5 evaluation subsample, 6 a text cipher's
     letters (from the cipher's own seed, not the run's), 7 k-means seeding (task identification), 8 prompt
     initialisation (prompt methods: index 0 at construction, the task index for per-task components), 9 feature-drift
-    probe samples, ``10 + e`` epoch ``e``'s batch order; a sample's random transform uses
-    ``derive_seed(epoch seed, sample index)``.
+    probe samples, ``10 + e`` epoch ``e``'s batch order, 1000 a fixed random feature projection, 1001 the ridge
+    classifier's fit/held-out split (later purposes take numbers from 1000 up, clear of the epochs); a sample's random
+    transform uses ``derive_seed(epoch seed, sample index)``.
     """
     return (int(seed) * 1_000_003 + int(index) * 10_007 + int(purpose) * 101) % SEED_MODULUS
 
@@ -61,6 +62,8 @@ class Purpose:
     KMEANS = 7
     PROMPTS = 8
     PROBE = 9
+    PROJECTION = 1000
+    RIDGE_SPLIT = 1001
     EPOCH = 10
 
 

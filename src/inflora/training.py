@@ -106,11 +106,14 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
                loggers: Sequence[StepLogger] = ()) -> dict[str, Any]:
     """Train task ``ctx.index`` for ``train.epochs`` (``train`` as the learner's ``train_settings`` adjusts it): the
     learner's groups, its steps on seeded batches of the tasks it trains on; every step is handed to ``loggers`` as
-    a :class:`StepRecord`. Returns the seconds spent and the last step's logged figures."""
+    a :class:`StepRecord`. Returns the seconds spent and the last step's logged figures. A learner whose groups
+    hold no parameter has nothing to train in this task: no epoch runs."""
     task, runtime = ctx.index, ctx.runtime
     train = learner.train_settings(train)
     groups = learner.parameter_groups(ctx)
     params = [p for g in groups for p in g["params"]]
+    if not params:
+        return {"train_s": 0.0, "logs": {}, "trainable_parameters": 0}
     for p in params:
         p.requires_grad_(True)
     optimiser = make_optimizer(train, groups)

@@ -97,6 +97,11 @@ class AlignedHeads(LinearHeads):
         self.write_stacked(weight, bias, task)
         return {"align_s": time.perf_counter() - start, "align_loss": loss}
 
+    def estimate_state_bytes(self) -> int:
+        """The heads plus every class's float64 moments (sum, outer-product sum, count)."""
+        d = self.feature_dim
+        return super().estimate_state_bytes() + 8 * (d * d + d + 1) * self.layout.num_classes
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = super().state_tensors()
         state.update({f"class_stats.{k}": v for k, v in self.stats.state_dict().items()})

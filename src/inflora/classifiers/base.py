@@ -76,11 +76,19 @@ class Classifier(nn.Module):
     its state (:meth:`state_tensors` / :meth:`load_state_tensors`) and, when ``needs_features``, a look at every
     task's training features after training (:meth:`observe`, fed by one no-gradient pass) before
     :meth:`end_task`.
+
+    ``trained_for_prediction`` is False for classifiers whose test-time logits come from observed statistics
+    (prototypes, a ridge solve): the parameters they train (a temporary head) only give a training loss to a
+    learner that adapts its backbone, so a learner with nothing else to train trains nothing.
+    ``unit_features`` is set by the learner: its features are L2-normalised (what a cosine head needs to be
+    exported as one linear layer).
     """
 
     name: ClassVar[str] = "base"
     options_type: ClassVar[type | None] = None
     needs_features: ClassVar[bool] = False
+    trained_for_prediction: ClassVar[bool] = True
+    unit_features: bool = False
 
     def __init__(self, feature_dim: int, layout: ClassLayout, options: Any, device: torch.device) -> None:
         super().__init__()
@@ -114,6 +122,11 @@ class Classifier(nn.Module):
     def export_linear(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier after task ``upto`` as one linear layer ``(weight (C, d), bias (C,))``, if it is one."""
         raise NotImplementedError(f"classifier {self.name!r} cannot be written as one linear layer")
+
+    def estimate_state_bytes(self) -> int:
+        """An upper estimate of :meth:`state_tensors`' size at the end of the run: one float32 linear layer over
+        every class (classifiers keeping more override it)."""
+        return 4 * (self.feature_dim + 1) * self.layout.num_classes
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}

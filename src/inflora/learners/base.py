@@ -85,13 +85,17 @@ class Learner:
     Subclasses override what their method changes. ``options_type`` is the dataclass of the method's typed options
     (the config section named after the method), ``replays_past`` makes the engine train on all tasks so far,
     ``partial_gradients`` says that some steps leave parameters of the groups without a gradient (e.g. a part kept
-    frozen for some epochs), so distributed training must look for unused parameters.
+    frozen for some epochs), so distributed training must look for unused parameters,
+    ``own_classifier`` names the classifier of a method that is one (``simplecil`` is ``prototype``: its runs use
+    it whatever the preset's ``classifier``), :meth:`classifier_feature_dim` the width of the features the
+    classifier reads.
     """
 
     name: ClassVar[str] = "base"
     options_type: ClassVar[type | None] = None
     replays_past: ClassVar[bool] = False
     partial_gradients: ClassVar[bool] = False
+    own_classifier: ClassVar[str | None] = None
 
     def __init__(self, setup: LearnerSetup) -> None:
         self.setup = setup
@@ -100,15 +104,30 @@ class Learner:
         self.options = setup.options
         self.num_tasks = setup.num_tasks
         self.seed = setup.seed
+        own = type(self).own_classifier
+        if own is not None and setup.classifier.name != own:
+            raise ValueError(f"method {self.name!r} is the classifier {own!r}; it cannot run with classifier "
+                             f"{setup.classifier.name!r}")
         self.backbone = setup.backbone.to(self.device)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.classifier = setup.classifier.to(self.device)
+        self.classifier.unit_features = self.unit_features()
         self.in_task = False
         self.tasks_done = 0
         self.current_task: int | None = None
         self.task_diagnostics: dict[str, Any] = {}
         self._backbone_trains: bool | None = None
+
+    @classmethod
+    def classifier_feature_dim(cls, backbone: nn.Module, options: Any) -> int:
+        """Width of the features this learner gives its classifier (the engine builds the classifier with it):
+        the backbone's pooled feature by default."""
+        return int(backbone.feature_dim)
+
+    def unit_features(self) -> bool:
+        """Whether :meth:`features` are L2-normalised (a text backbone built with ``normalize``)."""
+        return bool(getattr(self.backbone, "normalize", False))
 
     # ------------------------------------------------------------------------------------------ life cycle
     def begin_task(self, ctx: TaskContext) -> None:
@@ -169,11 +188,15 @@ class Learner:
 
     def parameter_groups(self, ctx: TaskContext) -> list[dict[str, Any]]:
         """Optimiser parameter groups with their learning rates: the policy's (``train.lr``), then the
-        classifier's (``train.head_lr``, default ``train.lr``)."""
+        classifier's (``train.head_lr``, default ``train.lr``). None at all when the policy trains nothing and the
+        classifier's trained parameters do not enter its logits (``trained_for_prediction``): training would
+        change no prediction, so the task has no training steps."""
         train = self.setup.train
+        adapter = self.adapter_parameters()
+        if not adapter and not self.classifier.trained_for_prediction:
+            return []
         groups = [{"params": self.classifier.parameters_for(ctx.index, all_seen=self.replays_past),
                    "lr": train.head_lr or train.lr}]
-        adapter = self.adapter_parameters()
         if adapter:
             groups.insert(0, {"params": adapter, "lr": train.lr})
         return groups
@@ -246,13 +269,9 @@ class Learner:
             self.tasks_done = int(state["learner.tasks_done"])
 
     def estimate_state_bytes(self) -> int:
-        """An upper estimate of :meth:`state_dict`'s size at the end of the run (for the free-space check):
-        the heads (float32) and, for classifiers that keep class statistics, their float64 moments."""
-        d, classes = self.classifier.feature_dim, self.classifier.layout.num_classes
-        total = 4 * (d + 1) * classes
-        if self.classifier.needs_features:
-            total += 8 * (d * d + d + 1) * classes
-        return total
+        """An upper estimate of :meth:`state_dict`'s size at the end of the run (for the free-space check): the
+        classifier's (:meth:`Classifier.estimate_state_bytes`) plus what the policy keeps."""
+        return self.classifier.estimate_state_bytes()
 
     # ------------------------------------------------------------------------------------------ reporting
     def diagnostics(self) -> dict[str, Any]:
@@ -276,14 +295,15 @@ LEARNERS: Registry[type[Learner]] = Registry("method")
 
 def register_learner(name: str, *, replace: bool = False) -> Callable[[type[Learner]], type[Learner]]:
     """Class decorator adding a learner to the registry under ``name``; its ``options_type`` (a dataclass with
-    :func:`inflora.config.opt` fields, or None) becomes the config section ``name``."""
+    :func:`inflora.config.opt` fields, or None) becomes the config section ``name``, its ``own_classifier`` (if
+    any) the classifier every run of the method uses."""
 
     def deco(cls: type[Learner]) -> type[Learner]:
         if not (isinstance(cls, type) and issubclass(cls, Learner)):
             raise TypeError(f"register_learner({name!r}) needs a Learner subclass, got {cls!r}")
         LEARNERS.add(name, cls, replace=replace)
         cls.name = name
-        register_choice("method", name, cls.options_type)
+        register_choice("method", name, cls.options_type, classifier=cls.own_classifier)
         return cls
 
     return deco
