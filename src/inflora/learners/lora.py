@@ -163,20 +163,6 @@ class InfLoRALearner(Learner):
         return super().export_parts(upto)
 
 
-def wrap_sites(backbone: nn.Module, options: TargetOptions, rank: int) -> list[list[LoRALinear]]:
-    """Wrap the layers ``options`` choose (a preset, by default the backbone's, or a regex) in LoRA layers, grouped
-    by site (layers sharing an input); every layer must be at least ``rank`` wide."""
-    specs = find_sites(backbone, preset=_preset(options, backbone), targets=options.targets, blocks=options.blocks)
-    for spec in specs:
-        for name in spec.layers:
-            width = backbone.get_submodule(name).in_features
-            if rank > width:
-                raise ValueError(f"rank {rank} exceeds the input width {width} of layer {name!r}")
-    wrapped = dict(wrap_linears(backbone, [(n, s) for spec in specs
-                                           for n, s in zip(spec.layers, spec.slices, strict=True)]))
-    return [[wrapped[n] for n in spec.layers] for spec in specs]
-
-
 @dataclass
 class LoRAOptions(TargetOptions, RankOptions):
     """Options of plain LoRA policies: where to adapt and the rank."""
