@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from inflora.config import ConfigError, describe_fields, from_dict, list_presets, load_config, set_override, to_dict
+from inflora.config import ConfigError, from_dict, list_presets, load_config, set_override, to_dict
+from inflora.confighelp import describe_fields
 
 
 def test_every_preset_resolves_and_has_a_description() -> None:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, describe_fields, list_presets, load_config, to_dict
+from .config import ConfigError, RunConfig, list_presets, load_config, to_dict
+from .confighelp import describe_fields
 from .distributed import broadcast_bytes, init_from_env, is_main, on_main, shutdown
 from .results import format_seeds, format_table, seeds_summary, write_json, write_yaml
 from .runtime import parse_seeds
