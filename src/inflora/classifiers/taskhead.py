@@ -66,7 +66,7 @@ class HeadOptions:
     """Options of a temporary training head."""
 
     head_scale: float = opt(16.0, "initial value of the learnt scale s of the cosine training head (logits = s * "
-                                  "cos); the references start at 1, which trains slowly with few steps")
+                                  "cos); the references start at 1, which keeps the logits within +-1 at first")
 
     def validate(self) -> None:
         if not (self.head_scale > 0 and math.isfinite(self.head_scale)):
