@@ -44,7 +44,7 @@ def test_vision_run_end_to_end(images: Path, method: str, classifier: str) -> No
     d = results["diagnostics"]
     assert all("ce" in t["last_step"] for t in d)
     if method == "l2p":
-        assert sum(d[0]["prompt_use_block0"]) == 16 * 2 * 2  # 16 images (2 classes x 8), top-2, 2 prompted blocks
+        assert sum(d[0]["prompt_use_block0"]) == 16 * 2 * 2  # 16 images (2 classes x 8), 2 epochs, top-2
         assert "pull" in d[0]["last_step"]
     if method == "dualprompt":
         assert set(d[1]["e_key_match"]) == {"block1"}
@@ -81,7 +81,7 @@ def test_text_run_end_to_end_on_minilm(data_dir: Path, method: str) -> None:
     config = load_config("clinc150", [
         f"data.data_dir={data_dir}", "scenario.num_tasks=2", "scenario.classes_per_task=3",
         "scenario.max_train_per_class=8", "scenario.max_test_per_class=4", "train.epochs=1", "train.batch_size=8",
-        "train.progress=false", "classifier=linear", f"method={method}", f"{method}.lr=0.1",
+        "train.progress=false", "classifier=linear", f"method={method}", f"{method}.lr=0.01",
         *{"l2p": ["l2p.pool=10"], "dualprompt": [], "codaprompt": ["codaprompt.pool=20"]}[method]])
     experiment = Experiment(config)
     before = {k: v.clone() for k, v in experiment.backbone.state_dict().items()}
