@@ -70,6 +70,25 @@ def same_state(out: Path, reference: Path) -> None:
         assert torch.equal(mine[key], value), key
 
 
+def resumed_and_reference(tmp_path: Path, monkeypatch: Any, sets: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``sets`` uninterrupted and again stopped in task 2 then resumed; assert equal results and learner state;
+    return both results."""
+    from inflora import faults
+    from inflora.cli import main
+
+    args = ["run", *(a for s in sets for a in ("--set", s)), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "reference")]) == 0
+    monkeypatch.setenv(faults.FAULT_ENV, "train:task=2:epoch=0:step=1:raise")
+    with pytest.raises(faults.InjectedFault):
+        main([*args, "--out", str(tmp_path / "run")])
+    monkeypatch.delenv(faults.FAULT_ENV)
+    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    resumed, reference = results_of(tmp_path / "run"), results_of(tmp_path / "reference")
+    assert all(resumed[k] == reference[k] for k in RESULT_KEYS)
+    same_state(tmp_path / "run", tmp_path / "reference")
+    return resumed, reference
+
+
 def run_killed(args: list[str], fault: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a subprocess that ends abruptly (os._exit) at ``fault``."""
     env = {**os.environ, faults.FAULT_ENV: fault, "OMP_NUM_THREADS": "1"}

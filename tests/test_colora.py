@@ -280,24 +280,13 @@ def test_too_few_samples_for_k_is_a_clear_error(images: Path) -> None:
 def test_a_resumed_run_repeats_an_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints hold every branch and every task's centroids: a run stopped in task 2 and resumed ends
     bit-identical to an uninterrupted one."""
-    from inflora import faults
-    from inflora.cli import main
-    from test_checkpoint import RESULT_KEYS, results_of, same_state
+    from test_checkpoint import resumed_and_reference
 
     images = make_image_folder(tmp_path / "images", classes=6)
     sets = for_method([*TINY_VIT_OVERRIDES, f"data.options={{root: {images}}}", "scenario.num_tasks=3",
                        "scenario.order=natural", "train.epochs=2", "train.lr=0.01", "classifier=linear",
                        "train.device=cpu", "method=colora", "colora.rank=4", "colora.k=3"])
-    args = ["run", *(a for s in sets for a in ("--set", s)), "--quiet"]
-    assert main([*args, "--out", str(tmp_path / "reference")]) == 0
-    monkeypatch.setenv(faults.FAULT_ENV, "train:task=2:epoch=0:step=1:raise")
-    with pytest.raises(faults.InjectedFault):
-        main([*args, "--out", str(tmp_path / "run")])
-    monkeypatch.delenv(faults.FAULT_ENV)
-    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
-    resumed, reference = results_of(tmp_path / "run"), results_of(tmp_path / "reference")
-    assert all(resumed[k] == reference[k] for k in RESULT_KEYS)
-    same_state(tmp_path / "run", tmp_path / "reference")
+    resumed_and_reference(tmp_path, monkeypatch, sets)
 
 
 def test_every_rank_clusters_the_whole_pass_in_its_order(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -220,22 +220,11 @@ def test_calibration_must_leave_an_epoch_to_train_the_pet(images: Path) -> None:
 def test_a_resumed_run_repeats_an_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints hold both PETs and the EMA counter: a run stopped in task 2 (after the offline PET exists) and
     resumed ends bit-identical to an uninterrupted one."""
-    from inflora import faults
-    from inflora.cli import main
-    from test_checkpoint import RESULT_KEYS, results_of, same_state
+    from test_checkpoint import resumed_and_reference
 
     images = make_image_folder(tmp_path / "images", classes=6)
     sets = for_method([*TINY_VIT_OVERRIDES, f"data.options={{root: {images}}}", "scenario.num_tasks=3",
                        "scenario.order=natural", "train.epochs=2", "train.lr=0.01", "classifier=linear",
                        "train.device=cpu", "method=lae", "lae.blocks=2", "lae.decay=0.9"])
-    args = ["run", *(a for s in sets for a in ("--set", s)), "--quiet"]
-    assert main([*args, "--out", str(tmp_path / "reference")]) == 0
-    monkeypatch.setenv(faults.FAULT_ENV, "train:task=2:epoch=0:step=1:raise")
-    with pytest.raises(faults.InjectedFault):
-        main([*args, "--out", str(tmp_path / "run")])
-    monkeypatch.delenv(faults.FAULT_ENV)
-    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
-    resumed, reference = results_of(tmp_path / "run"), results_of(tmp_path / "reference")
-    assert all(resumed[k] == reference[k] for k in RESULT_KEYS)
+    resumed, reference = resumed_and_reference(tmp_path, monkeypatch, sets)
     assert resumed["diagnostics"][-1]["ema_updates"] == reference["diagnostics"][-1]["ema_updates"] == 8
-    same_state(tmp_path / "run", tmp_path / "reference")
