@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from inflora import alignment
 from inflora.alignment import (
     ClassStatistics,
     align_linear,
@@ -125,7 +126,9 @@ def test_alignment_lr_is_cosine_per_epoch() -> None:
     assert alignment_lr(0.02, 2, 4) == pytest.approx(0.01)
 
 
-def test_align_linear_steps_at_the_epoch_lr(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("logit_norm", [None, 0.1])
+def test_align_linear_steps_at_the_epoch_lr(monkeypatch: pytest.MonkeyPatch, logit_norm: float | None) -> None:
+    """Both step forms (written out without logit normalisation, torch's SGD with it) step at the epoch's lr."""
     recorded: list[float] = []
 
     class RecordingSGD(torch.optim.SGD):
@@ -133,9 +136,17 @@ def test_align_linear_steps_at_the_epoch_lr(monkeypatch: pytest.MonkeyPatch) -> 
             recorded.append(self.param_groups[0]["lr"])
             return super().step(closure)
 
+    plain_step = alignment._PlainSoftmaxSGD.step
+
+    def recording_plain_step(self, x, y, lr, want_loss):  # type: ignore[no-untyped-def]
+        recorded.append(lr)
+        return plain_step(self, x, y, lr, want_loss)
+
     monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    monkeypatch.setattr(alignment._PlainSoftmaxSGD, "step", recording_plain_step)
     stats = _stats(3, [[0, 1], [2]])
-    options = AlignedOptions(epochs=4, lr=0.05, samples_per_class=10, batch_size=8)  # 30 samples: 4 steps/epoch
+    options = AlignedOptions(epochs=4, lr=0.05, samples_per_class=10, batch_size=8,  # 30 samples: 4 steps/epoch
+                             logit_norm=logit_norm)
     align_linear(torch.zeros(3, 3), torch.zeros(3), [2, 1], stats, [0, 1, 2], 1, options, torch.Generator())
     assert recorded == pytest.approx([alignment_lr(0.05, e, 4) for e in range(4) for _ in range(4)])
 

@@ -81,7 +81,8 @@ def test_frozen_drift_is_exactly_zero_and_results_carry_the_matrix(images: Path)
 def test_inflora_with_a_memory_that_keeps_everything_does_not_drift_and_seqlora_drifts(images: Path) -> None:
     """lamb = lame = 1: the memory keeps every direction of the old task's training inputs (here all 48, so the
     next branch has no row left) and the old task's probe features do not move. At the default thresholds InfLoRA
-    protects partly. Measured drift of task 1 after task 2: 0.0 (lamb 1), 0.027 (lamb 0.95), 0.39 (SeqLoRA)."""
+    protects partly. Measured drift of task 1 after task 2: 0.0 or 0.0013 (lamb 1; rounding, by CPU), 0.027
+    (lamb 0.95), 0.39 (SeqLoRA)."""
     drift, outside = {}, {}
     for name, method, options in (("exact", "inflora", ["inflora.lamb=1.0", "inflora.lame=1.0"]),
                                   ("default", "inflora", []), ("seqlora", "seqlora", [])):
@@ -91,7 +92,9 @@ def test_inflora_with_a_memory_that_keeps_everything_does_not_drift_and_seqlora_
         if method == "inflora":
             outside[name] = results["diagnostics"][-1]["per_old_task"]["energy_outside_max"][0]
     assert drift["seqlora"] > 0.05
-    assert drift["exact"] < 1e-3 * drift["seqlora"], drift
+    # 1e-2, not 0: with lamb = 1 the faithful rule's count of the last near-zero directions (S**2 ~ 1e-16 of the
+    # total) depends on floating-point rounding, which differs between CPUs (0.0 on one, 0.0013 on another)
+    assert drift["exact"] < 1e-2 * drift["seqlora"], drift
     assert drift["default"] < 0.25 * drift["seqlora"], drift
     # the energy meter agrees: nothing of task 1's inputs lies outside a full memory (up to the meter's tolerance
     # of 1e-3), more of them outside the default one

@@ -10,7 +10,7 @@ from torch import nn
 
 from inflora.classifiers import CLASSIFIERS, ClassLayout
 from inflora.classifiers.linear import LinearHeads, LinearOptions
-from inflora.sampling import LengthGroupedBatches
+from inflora.sampling import LengthGroupedBatches, PaddingBoundedBatches
 from inflora.training import reference_cosine
 
 
@@ -85,6 +85,22 @@ def test_length_grouped_batches_cover_every_sample_once() -> None:
     assert batches != list(LengthGroupedBatches(lengths, 8, seed=4, window=4))
     spread = np.mean([np.ptp([lengths[i] for i in b]) for b in batches])
     assert spread < 20  # grouped: far less spread than random batches (~40)
+
+
+def test_padding_bounded_batches_keep_the_order_and_bound_padding() -> None:
+    lengths = sorted(int(n) for n in np.random.default_rng(1).integers(5, 110, 300))
+    batches = list(PaddingBoundedBatches(lengths, batch_size=64, slack=0.1))
+    assert [i for b in batches for i in b] == list(range(300))  # every sample once, in pass order
+    assert all(len(b) <= 64 for b in batches)
+    for b in batches:
+        padded, real = len(b) * lengths[b[-1]], sum(lengths[i] for i in b)
+        # a batch grows past a quarter of the batch size only while padding stays within the slack
+        assert len(b) <= 16 or padded <= 1.1 * real + 1e-9
+    one = [i for b in PaddingBoundedBatches(lengths[:100], batch_size=128) for i in b]
+    assert len(list(PaddingBoundedBatches(lengths[:100], batch_size=128))) > 1 and one == list(range(100))
+    assert list(PaddingBoundedBatches([7] * 10, batch_size=4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="ascending"):
+        PaddingBoundedBatches([3, 1, 2], batch_size=4)
 
 
 def test_reference_cosine_schedule() -> None:

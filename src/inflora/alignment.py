@@ -213,8 +213,11 @@ def align_linear(weight: torch.Tensor, bias: torch.Tensor, sizes: Sequence[int],
     last = torch.full((), float("nan"))
     if not classes or options.epochs <= 0:
         return w.detach(), b.detach(), float(last)
-    optimiser = torch.optim.SGD([w, b], lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay,
-                                foreach=True)
+    # Without logit normalisation the step is written out (softmax minus one-hot, torch's SGD update): the same
+    # update as autograd + torch.optim.SGD up to rounding, at about 2/3 of the time of the Python-bound step.
+    optimiser = None if options.logit_norm is None else torch.optim.SGD(
+        [w, b], lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay, foreach=True)
+    sgd = _PlainSoftmaxSGD(w, b, options.momentum, options.weight_decay)
     n, batch = int(options.samples_per_class), int(options.batch_size)
     with torch.no_grad():
         means, factors = class_gaussians(stats, classes, task, options.shrink, options.mean_scale, dtype, device)
@@ -223,13 +226,19 @@ def align_linear(weight: torch.Tensor, bias: torch.Tensor, sizes: Sequence[int],
     if options.logit_norm is not None:
         norm = (_group_matrix(sizes, rows, dtype, device), float(options.logit_norm))
     for epoch in range(options.epochs):
-        for group in optimiser.param_groups:
-            group["lr"] = alignment_lr(options.lr, epoch, options.epochs)
+        lr = alignment_lr(options.lr, epoch, options.epochs)
         with torch.no_grad():
             x = draw_samples(means, factors, n, generator).reshape(-1, weight.shape[1])
             order = torch.randperm(x.shape[0], generator=generator).to(device)
             x, y = x[order], labels[order]
+        final = epoch == options.epochs - 1
         for i in range(0, x.shape[0], batch):
+            if optimiser is None:
+                loss = sgd.step(x[i : i + batch], y[i : i + batch], lr, final and i + batch >= x.shape[0])
+                last = loss if loss is not None else last
+                continue
+            for group in optimiser.param_groups:
+                group["lr"] = lr
             logits = F.linear(x[i : i + batch], w, b)
             if norm is not None:
                 logits = _normalise(logits, *norm)
@@ -239,3 +248,36 @@ def align_linear(weight: torch.Tensor, bias: torch.Tensor, sizes: Sequence[int],
             optimiser.step()
             last = loss.detach()
     return w.detach(), b.detach(), float(last)
+
+
+class _PlainSoftmaxSGD:
+    """SGD (momentum, weight decay; torch's update rule) on a linear layer's ``(w, b)`` under the mean
+    cross-entropy, with the gradient written out: ``g = (softmax(x w^T + b) - onehot(y)) / n``, ``dw = g^T x``,
+    ``db = sum g``. Updates ``w`` and ``b`` in place (their autograd flag is ignored)."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, momentum: float, weight_decay: float) -> None:
+        self.w, self.b = w, b
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, want_loss: bool) -> torch.Tensor | None:
+        """One step on the batch ``(x, y)``; returns the batch's loss before the step when ``want_loss``."""
+        w, b = self.w, self.b
+        logits = torch.addmm(b, x, w.T)
+        loss = F.cross_entropy(logits, y) if want_loss else None
+        g = torch.softmax(logits, dim=1)
+        g[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+        g /= y.shape[0]
+        gw, gb = g.T @ x, g.sum(0)
+        if self.weight_decay:
+            gw.add_(w, alpha=self.weight_decay)
+            gb.add_(b, alpha=self.weight_decay)
+        if self.buffers is None or not self.momentum:
+            self.buffers = (gw, gb)
+        else:
+            self.buffers[0].mul_(self.momentum).add_(gw)
+            self.buffers[1].mul_(self.momentum).add_(gb)
+        w.sub_(self.buffers[0], alpha=lr)
+        b.sub_(self.buffers[1], alpha=lr)
+        return loss

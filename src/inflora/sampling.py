@@ -1,9 +1,11 @@
-"""Batch samplers: length-grouped shuffling for text (little padding), shuffled batches, each rank's share of a
+"""Batch samplers: length-grouped shuffling for text (little padding), padding-bounded batches of a length-ordered
+pass, shuffled batches, each rank's share of a
 global batch (distributed training), and per-sample seeding of random transforms."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import pairwise
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,6 +45,45 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
+class PaddingBoundedBatches(Sampler[list[int]]):
+    """Consecutive batches of samples already in ascending length order (a no-gradient text pass), cut where
+    padding would grow: a batch closes at ``batch_size`` samples, or, once it holds ``batch_size // 4`` samples,
+    when taking the next one would make its padded size (samples x longest) exceed ``1 + slack`` times its real size
+    (the sum of lengths). Every sample appears once, in order; one batch of 100 short and long samples padded to
+    the longest becomes a few batches of similar lengths. The order of samples is unchanged, so per-sample results do
+    not depend on the cut (up to floating-point rounding of the batched kernels)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, slack: float = 0.1) -> None:
+        lengths = [int(n) for n in lengths]
+        if any(b < a for a, b in pairwise(lengths)):
+            raise ValueError("PaddingBoundedBatches needs lengths in ascending order")
+        self.lengths = lengths
+        self.batch_size = int(batch_size)
+        self.slack = float(slack)
+
+    def batches(self) -> list[list[int]]:
+        out: list[list[int]] = []
+        current: list[int] = []
+        total = 0
+        least = max(1, self.batch_size // 4)
+        for i, n in enumerate(self.lengths):
+            if current and (len(current) == self.batch_size or (
+                    len(current) >= least and (len(current) + 1) * n > (1 + self.slack) * (total + n))):
+                out.append(current)
+                current, total = [], 0
+            current.append(i)
+            total += n
+        if current:
+            out.append(current)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
 
 
 class GlobalBatches(Protocol):

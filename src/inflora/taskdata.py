@@ -15,7 +15,14 @@ from .data import ContinualDataset, Scenario, TransformedSplit, subsample_per_cl
 from .data import image_transforms as make_image_transforms
 from .faults import fault
 from .runtime import Purpose, Runtime, derive_seed
-from .sampling import GlobalBatches, LengthGroupedBatches, RankShares, SeededSamples, ShuffledBatches
+from .sampling import (
+    GlobalBatches,
+    LengthGroupedBatches,
+    PaddingBoundedBatches,
+    RankShares,
+    SeededSamples,
+    ShuffledBatches,
+)
 
 EVAL_SUBSAMPLE_SEED = 12345
 """Evaluation subsamples (``scenario.max_test_per_class``) do not depend on the run seed: every seed is scored on
@@ -88,7 +95,8 @@ class TaskData:
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
                lengths: list[int] | None = None) -> DataLoader:
         """A loader over ``dataset``. Shuffled: this rank's shares (:class:`RankShares`) of seeded global batches of
-        ``batch_size``, text batches grouped by ``lengths`` (less padding). Unshuffled: ``dataset`` in order."""
+        ``batch_size``, text batches grouped by ``lengths`` (less padding). Unshuffled: ``dataset`` in order, with
+        ``lengths`` (ascending: a length-ordered pass) cut where padding would grow (:class:`PaddingBoundedBatches`)."""
         generator = torch.Generator().manual_seed(seed)
         if shuffle:
             plan: GlobalBatches = (LengthGroupedBatches(lengths, batch_size, seed) if lengths is not None
@@ -96,8 +104,19 @@ class TaskData:
             return DataLoader(dataset, batch_sampler=RankShares(plan, self.runtime.rank, self.runtime.world_size),
                               num_workers=self.num_workers, collate_fn=self.collate,
                               generator=None if lengths is not None else generator)
+        if lengths is not None:
+            return DataLoader(dataset, batch_sampler=PaddingBoundedBatches(lengths, batch_size),
+                              num_workers=self.num_workers, collate_fn=self.collate)
         return DataLoader(dataset, batch_size=batch_size, generator=generator, num_workers=self.num_workers,
                           collate_fn=self.collate, drop_last=False)
+
+    def pass_loader(self, dataset: Dataset, split: str, ordered: list[int]) -> DataLoader:
+        """A no-gradient pass over ``dataset`` (samples ``ordered`` of ``split``, in length order): text on one
+        process in batches of at most ``eval_batch_size`` with bounded padding; otherwise (images, or this rank's
+        share under torchrun, where every rank must take the same number of batches because the classifiers' sums
+        are all-reduced per batch) in batches of ``eval_batch_size``."""
+        lengths = self.lengths(split, ordered) if self.runtime.world_size == 1 else None
+        return self.loader(self.shard(dataset), self.eval_batch_size, lengths=lengths)
 
     def train_indices(self, tasks: list[int]) -> list[int]:
         return sorted(i for t in tasks for i in self.scenario.tasks[t].train_indices)
@@ -129,7 +148,7 @@ class TaskData:
         seed = derive_seed(self.seed, task, Purpose.STATS)
         torch.manual_seed(seed)
         dataset = self.seeded(self.split("train", indices, train_transforms=True), seed)
-        loader = self.loader(self.shard(dataset), self.eval_batch_size)
+        loader = self.pass_loader(dataset, "train", indices)
         return self._batches(loader, lambda i: fault("stats", task=task, phase=phase, batch=i))
 
     def feature_pass(self, task: int) -> Iterator[tuple[Any, torch.Tensor]]:
@@ -137,7 +156,7 @@ class TaskData:
         (this rank's share)."""
         indices = self.in_length_order("train", list(self.scenario.tasks[task].train_indices))
         dataset = self.split("train", indices, train_transforms=False)
-        return self._batches(self.loader(self.shard(dataset), self.eval_batch_size))
+        return self._batches(self.pass_loader(dataset, "train", indices))
 
     # ------------------------------------------------------------------------------------------ evaluation
     def eval_indices(self, task: int) -> list[int]:
@@ -166,7 +185,7 @@ class TaskData:
         dataset = self.split(self.eval_split, [i for i, _ in pairs], train_transforms=False)
         rt = self.runtime
         owner = torch.tensor([j for _, j in pairs], dtype=torch.long)[rt.rank :: rt.world_size].to(rt.device)
-        return self._batches(self.loader(self.shard(dataset), self.eval_batch_size)), owner
+        return self._batches(self.pass_loader(dataset, self.eval_split, [i for i, _ in pairs])), owner
 
     def probe_indices(self, task: int, per_task: int) -> list[int]:
         """A fixed seeded subset of ``per_task`` of task ``task``'s evaluation samples (all when it has fewer),
