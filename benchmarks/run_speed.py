@@ -5,7 +5,9 @@
 The base commit is checked out into a temporary git worktree and run from its ``src`` (PYTHONPATH), so both sides use
 the installed dependencies. Each side runs ``inflora run PRESET --quiet`` in a fresh output folder, one after the
 other (``--order`` alternates them when ``--repeats`` > 1). Printed per side: wall seconds, training seconds, the
-method-specific share of training (InfLoRA: statistics + design + memory), final accuracy; then the ratios.
+method-specific share of training (InfLoRA: statistics + design + memory), final accuracy, the wall time by phase
+(sums over tasks of begin, train, end, eval; outside_tasks: start-up, imports, model and data loading, writing);
+then the ratios.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def run_side(src: Path, preset: str, data_dir: str | None, sets: list[str], out:
         raise SystemExit(f"{src}: inflora run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     results = json.loads((out / "results.json").read_text())
     train = sum(t["train_s"] for t in results["timings"])
-    return {"wall_s": wall, "train_s": train, "method_s": method_seconds(results),
+    phases = {k: sum(t.get(k, 0.0) for t in results["timings"]) for k in ("begin_s", "train_s", "end_s", "eval_s")}
+    phases["outside_tasks_s"] = wall - sum(phases.values())
+    return {"wall_s": wall, "train_s": train, "phases": phases, "method_s": method_seconds(results),
             "method_share": method_seconds(results) / train if train else 0.0,
             "final_accuracy": results["final_accuracy"], "accuracy_matrix": results["accuracy_matrix"]}
 
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="override for both sides")
     parser.add_argument("--base-set", action="append", default=[], help="override for the base side only "
                         "(e.g. its old key names)")
+    parser.add_argument("--new-set", action="append", default=[], help="override for the working tree only "
+                        "(e.g. switch off a diagnostic the base does not have: evaluation.probe_samples=0)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args(argv)
@@ -72,19 +78,20 @@ def main(argv: list[str] | None = None) -> int:
                 order = ["base", "new"] if r % 2 == 0 else ["new", "base"]
                 for side in order:
                     src = tree / "src" if side == "base" else ROOT / "src"
-                    sets = [*args.set, *(args.base_set if side == "base" else [])]
+                    sets = [*args.set, *(args.base_set if side == "base" else args.new_set)]
                     rows[side].append(run_side(src, args.preset, args.data_dir, sets, Path(tmp) / f"{side}{r}"))
                     m = rows[side][-1]
                     print(f"{side:>4} #{r}: wall {m['wall_s']:7.1f}s  train {m['train_s']:6.1f}s  method-specific "
                           f"{m['method_s']:5.1f}s ({100 * m['method_share']:4.1f}% of training)  "
                           f"A_T {m['final_accuracy']:.2f}", flush=True)
+                    print("         " + "  ".join(f"{k[:-2]} {v:.1f}s" for k, v in m["phases"].items()), flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     base_wall = min(m["wall_s"] for m in rows["base"])
     new_wall = min(m["wall_s"] for m in rows["new"])
-    print(f"\nwall time new / base: {new_wall / base_wall:.3f} ({100 * (1 - new_wall / base_wall):.1f}% less); "
-          f"method-specific share of training: base {100 * rows['base'][0]['method_share']:.1f}%, "
-          f"new {100 * rows['new'][0]['method_share']:.1f}%")
+    share = {side: 100 * sum(m["method_share"] for m in ms) / len(ms) for side, ms in rows.items()}
+    print(f"\nfastest wall time new / base: {new_wall / base_wall:.3f} ({100 * (1 - new_wall / base_wall):.1f}% less); "
+          f"method-specific share of training (mean over repeats): base {share['base']:.1f}%, new {share['new']:.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps({"base": args.base, "rows": rows}, indent=1))
     return 0

@@ -174,3 +174,13 @@ def test_meter_off_and_bad_tolerance(images: Path) -> None:
         tiny(images, "inflora.meter_tolerance=1.5")
     with pytest.raises(ValueError, match="unexpected meter state entry"):
         EnergyMeter(0.0).load_state_dict({"bogus": torch.zeros(1)}, ["a"], [4])
+
+
+def test_stats_products_option(images: Path) -> None:
+    """float32 batch products by default, float64 on request; anything else is refused by name."""
+    default = Experiment(tiny(images, "scenario.num_tasks=2"))
+    assert default.learner._collector().products == torch.float32
+    exact = Experiment(tiny(images, "scenario.num_tasks=2", "inflora.stats_products=float64"))
+    assert exact.learner._collector().products == torch.float64
+    with pytest.raises(ConfigError, match=r"stats_products must be one of \['float32', 'float64'\]"):
+        tiny(images, "inflora.stats_products=float16")

@@ -25,6 +25,22 @@ def test_second_moment_matches_direct_computation() -> None:
     assert model.training  # mode restored
 
 
+def test_float32_batch_products_stay_within_float32_rounding_of_float64() -> None:
+    """The learner's default (each batch's x^T x in float32, sums in float64) against the all-float64 moment."""
+    model = mlp()
+    adapter = inflora.attach(model, targets=r"^0$", rank=2)
+    x = torch.randn(3000, 16) + 4.0  # a dominant mean direction, as real inputs have
+    expected = x.double().T @ x.double() / 3000
+    with torch.no_grad(), inflora.StatsCollector(adapter, products=torch.float32) as collector:
+        for i in range(0, 3000, 250):
+            model(x[i:i + 250])
+    got = collector.result()["0"]
+    assert got.dtype == torch.float64 and collector.products == torch.float32
+    err = (got - expected).norm() / expected.norm()
+    assert 0 < err < 1e-6  # float32 rounding happened, and stays at its scale
+    assert torch.allclose(torch.linalg.eigvalsh(got), torch.linalg.eigvalsh(expected), rtol=1e-5, atol=1e-5)
+
+
 def test_padding_tokens_do_not_count() -> None:
     model = tiny_bert()
     adapter = inflora.attach(model, preset="bert-kv", rank=2)
