@@ -38,6 +38,9 @@ def run_args(images: Path, *extra: str) -> list[str]:
         "train.epochs=2", "train.eval_batch_size=16", "train.lr=0.01", "inflora.rank=4", "classifier=aligned",
         "aligned.samples_per_class=32", "aligned.epochs=2",
         "train.device=cpu",  # bit-identical resumes are a CPU guarantee (CUDA kernels may be nondeterministic)
+        # float64 batch products: a run sharded over processes then sums the same statistics up to 1e-16, not 1e-7,
+        # so memory thresholds on this random model's near-equal energies fall the same way as in one process
+        "inflora.stats_products=float64",
         *extra,
     ]
     return ["run", *(a for s in sets for a in ("--set", s)), "--quiet"]
