@@ -4,9 +4,9 @@
 
 The base commit is checked out into a temporary git worktree and run from its ``src`` (PYTHONPATH), so both sides use
 the installed dependencies. Each side runs ``inflora run PRESET --quiet`` in a fresh output folder, one after the
-other (``--order`` alternates them when ``--repeats`` > 1). Printed per side: wall seconds, training seconds, the
+other, in alternating order when ``--repeats`` > 1. Printed per side: wall seconds, training seconds, the
 method-specific share of training (InfLoRA: statistics + design + memory), final accuracy, the wall time by phase
-(sums over tasks of begin, train, end, eval; outside_tasks: start-up, imports, model and data loading, writing);
+(sums over tasks of begin, train, end, eval where the commit records them; outside_tasks: the rest of the wall time);
 then the ratios.
 """
 
@@ -47,7 +47,8 @@ def run_side(src: Path, preset: str, data_dir: str | None, sets: list[str], out:
         raise SystemExit(f"{src}: inflora run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     results = json.loads((out / "results.json").read_text())
     train = sum(t["train_s"] for t in results["timings"])
-    phases = {k: sum(t.get(k, 0.0) for t in results["timings"]) for k in ("begin_s", "train_s", "end_s", "eval_s")}
+    keys = [k for k in ("begin_s", "train_s", "end_s", "eval_s") if any(k in t for t in results["timings"])]
+    phases = {k: sum(t.get(k, 0.0) for t in results["timings"]) for k in keys}  # older commits lack some phases
     phases["outside_tasks_s"] = wall - sum(phases.values())
     return {"wall_s": wall, "train_s": train, "phases": phases, "method_s": method_seconds(results),
             "method_share": method_seconds(results) / train if train else 0.0,

@@ -13,6 +13,7 @@ from conftest import TINY_VIT_OVERRIDES, make_image_folder, mlp
 from inflora.adapter import EnergyMeter, energy_factor, energy_outside
 from inflora.config import ConfigError, load_config
 from inflora.engine import Experiment
+from inflora.learners.lora import InfLoRAOptions
 
 ROUNDING = 1e-6
 """The meter stores its factors in float32: shares carry rounding errors of order 1e-7."""
@@ -182,5 +183,7 @@ def test_stats_products_option(images: Path) -> None:
     assert default.learner._collector().products == torch.float32
     exact = Experiment(tiny(images, "scenario.num_tasks=2", "inflora.stats_products=float64"))
     assert exact.learner._collector().products == torch.float64
-    with pytest.raises(ConfigError, match=r"stats_products must be one of \['float32', 'float64'\]"):
+    with pytest.raises(ConfigError, match=r"stats_products: 'float16' is not one of float32, float64"):
         tiny(images, "inflora.stats_products=float16")
+    with pytest.raises(ValueError, match=r"stats_products must be one of \['float32', 'float64'\]"):
+        InfLoRAOptions(stats_products="float16").validate()  # the Python API checks too

@@ -34,11 +34,11 @@ class StatsCollector:
     Use as a context manager around forward passes of the model the adapter is attached to; call
     :meth:`set_mask` with each text batch's ``attention_mask`` first (padding never counts). Products are summed on
     the model's device in ``dtype`` (float64 by default); each batch's product ``x^T x`` is formed in ``products``
-    (default: ``dtype``; float32 halves the hooks' cost on CPU, its rounding, about 1e-7 of the moment's norm,
-    lies far below any energy threshold); no activation is kept. ``seconds`` is the wall time spent
-    inside the hooks (the cost the statistics add to a pass that runs anyway; on CUDA, where the hooks only queue
-    kernels and no synchronisation is forced for timing, it undercounts). :meth:`result` all-reduces under
-    ``torch.distributed`` and returns :class:`InputStats`.
+    (default: ``dtype``; float32 halves the hooks' cost on CPU, its rounding is about 1e-7 of the moment's norm,
+    enough to move a direction whose energy sits exactly at a memory threshold); no activation is kept. ``seconds``
+    is the wall time spent inside the hooks (the cost the statistics add to a pass that runs anyway; on CUDA, where
+    the hooks only queue kernels and no synchronisation is forced for timing, it undercounts). :meth:`result`
+    all-reduces under ``torch.distributed`` and returns :class:`InputStats`.
     """
 
     def __init__(self, adapter: InfLoRAAdapter, dtype: torch.dtype = torch.float64,

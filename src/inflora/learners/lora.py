@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -55,10 +55,11 @@ class InfLoRAOptions(TargetOptions, DesignOptions):
     stats_samples: int | None = opt(None, "training samples per task in the design statistics pass (None: all); "
                                           "the memory pass uses the same subsample unless it is fused with the "
                                           "classifier's feature pass")
-    stats_products: str = opt("float32", "precision of each batch's input product x^T x in the statistics hooks "
-                                         "(float32 or float64; the sums over batches are float64 either way): "
-                                         "float32 halves the hooks' cost on CPU, its rounding (about 1e-7 of a "
-                                         "moment's norm) lies far below any energy threshold")
+    stats_products: Literal["float32", "float64"] = opt(
+        "float32", "precision of each batch's input product x^T x in the statistics hooks (the sums over batches "
+                   "are float64 either way): float32 halves the hooks' cost on CPU; its rounding (about 1e-7 of a "
+                   "moment's norm) can move a direction whose energy sits exactly at the memory threshold, so use "
+                   "float64 where runs must agree bit for bit across process counts")
     energy_meter: bool = opt(True, "after each task, report per layer the share of every old task's input energy "
                                    "outside the memory (diagnostics energy_outside; keeps a factor of each task's "
                                    "input statistics in the learner state)")
