@@ -53,11 +53,11 @@ def run_side(src: Path, preset: str, data_dir: str | None, sets: list[str], out:
     log = out.with_suffix(".log")
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # reaps the child and gives its own CPU time
+        # wait4 reaps the child and returns its own CPU time (RUSAGE_CHILDREN would mix the two concurrent sides)
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     cpu = usage.ru_utime + usage.ru_stime
-    code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
+    code = proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen the child is gone
     if code != 0:
         raise SystemExit(f"{src}: inflora run failed ({code}):\n{log.read_text()[-3000:]}")
     results = json.loads((out / "results.json").read_text())
