@@ -172,5 +172,6 @@ class Experiment:
                   "eval_split": self.config.scenario.eval_split,
                   "classes_per_task": [len(t.classes) for t in self.scenario.tasks],
                   "class_order": [self.dataset.class_names[c] for c in self.scenario.class_order],
-                  "device": str(self.device), "data_fingerprint": self.fingerprint, "config": to_dict(self.config)}
+                  "device": str(self.device), "precision": self.runtime.precision,
+                  "data_fingerprint": self.fingerprint, "config": to_dict(self.config)}
         return build_results(self.state, self.data.eval_counts(), header)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -97,9 +98,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic units (AVX512-BF16 or AMX); without them bfloat16 is emulated and
+    slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def autocast_enabled(amp: bool | str, device: torch.device) -> bool:
+    """Whether ``train.amp`` = ``amp`` turns bfloat16 autocast on for ``device``: ``True`` on CUDA only,
+    ``"always"`` on every device, ``False`` nowhere."""
+    if amp is True or amp is False:
+        return amp and device.type == "cuda"
+    if amp == "always":
+        return True
+    raise ValueError(f"amp must be true, false or 'always', got {amp!r}")
+
+
 @dataclass
 class Runtime:
-    """Where and how a run computes: its device, bfloat16 autocast (CUDA only), rank and world size."""
+    """Where and how a run computes: its device, bfloat16 autocast (``train.amp``), rank and world size."""
 
     device: torch.device
     amp: bool = False
@@ -107,13 +125,24 @@ class Runtime:
     world_size: int = 1
 
     @classmethod
-    def create(cls, device: str = "auto", amp: bool = True) -> Runtime:
+    def create(cls, device: str = "auto", amp: bool | str = True) -> Runtime:
+        """The runtime of ``train.device`` / ``train.amp`` (see :func:`autocast_enabled`). Autocast on a CPU without
+        bfloat16 units warns once: it runs, but slower than float32."""
         resolved = resolve_device(device)
-        return cls(resolved, amp=amp and resolved.type == "cuda", rank=rank(),
-                   world_size=world_size())
+        enabled = autocast_enabled(amp, resolved)
+        if enabled and resolved.type == "cpu" and not cpu_has_bf16():
+            warnings.warn("train.amp=always on a CPU without bfloat16 units (AVX512-BF16 or AMX): bfloat16 is "
+                          "emulated here and slower than float32; use train.amp=true (float32 on the CPU)",
+                          stacklevel=2)
+        return cls(resolved, amp=enabled, rank=rank(), world_size=world_size())
+
+    @property
+    def precision(self) -> str:
+        """What the forward passes compute in: ``"bfloat16 autocast"`` or ``"float32"`` (results.json records it)."""
+        return "bfloat16 autocast" if self.amp else "float32"
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
-        """bfloat16 autocast when ``amp`` (CUDA only), else a no-op."""
+        """bfloat16 autocast when ``amp``, else a no-op."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def sync(self) -> None:

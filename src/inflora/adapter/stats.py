@@ -120,7 +120,8 @@ def collect_input_stats(
     whose ``attention_mask`` is 1, so padding never counts). Products are accumulated on the model's device in
     ``dtype`` (float64 by default); no activation is kept. Batches follow :mod:`inflora.batches`. Under
     ``torch.distributed`` the sums and counts are all-reduced, so every rank gets the statistics of all data.
-    The model runs in eval mode without gradients and is returned to its previous mode.
+    The model runs in eval mode without gradients and is returned to its previous mode; ``autocast`` runs its
+    forward passes under bfloat16 autocast (on any device; the products are still accumulated in ``dtype``).
     """
     device = adapter.device
     was_training = model.training
@@ -134,7 +135,7 @@ def collect_input_stats(
                 inputs, _ = split_batch(batch)
                 inputs = move_to(inputs, device)
                 collector.set_mask(attention_mask_of(inputs))
-                with torch.autocast(device.type, enabled=autocast and device.type == "cuda"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     call_model(model, inputs)
     finally:
         model.train(was_training)
