@@ -235,3 +235,18 @@ def test_tensorboard_is_cosmetic_and_its_absence_a_clear_error(monkeypatch: pyte
 def test_report_of_a_folder_without_results_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 1
     assert "holds no results.json" in capsys.readouterr().err
+
+
+def test_mixed_precisions_are_flagged_in_the_table() -> None:
+    from inflora.report.tables import markdown
+    same = [fake_results(s) | {"precision": "float32"} for s in (0, 1)]
+    other = [fake_results(s, method="b") | {"precision": "bfloat16 autocast"} for s in (0, 1)]
+    assert summarize_group("m", same)["precision"] == ["float32"]
+    assert "different precisions" not in markdown(aggregate({"m": same, "b": [dict(r, precision="float32")
+                                                                               for r in other]}))
+    text = markdown(aggregate({"m": same, "b": other}))
+    assert "different precisions" in text and "b: bfloat16 autocast" in text and "m: float32" in text
+    from inflora.report.html import render
+    assert "different precisions" in render(aggregate({"m": same, "b": other}), [], "t")
+    mixed = summarize_group("x", [same[0], fake_results(1)])  # a run from before precision was recorded
+    assert mixed["precision"] == ["float32", "unrecorded"]

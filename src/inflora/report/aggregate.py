@@ -164,6 +164,7 @@ def summarize_group(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "eval_split": first.get("eval_split"),
         "num_tasks": num_tasks,
         "seeds": [r.get("seed") for r in runs],
+        "precision": sorted({r.get("precision", "unrecorded") for r in runs}),
         "metrics": metrics,
         "per_seed": [{"seed": r.get("seed"), **m} for r, m in zip(runs, per_run, strict=True)],
         "accuracy_after_task": _mean_std_lists([curve(r) for r in runs]),
