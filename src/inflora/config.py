@@ -106,8 +106,7 @@ class TrainConfig:
         "reference-cosine", "per-epoch schedule: the reference's lr0*cos(99*pi*e/(200*(E-1))), cosine, step, constant")
     milestones: list[int] = opt([], "step schedule: epochs where lr is multiplied by gamma")
     gamma: float = opt(0.1, "step schedule factor")
-    amp: bool | Literal["always"] = opt(True, "bfloat16 autocast: true on GPU only; always: on the CPU too (faster "
-                                        "with bf16 units, e.g. AMX; docs/precision.md); false: float32 everywhere")
+    amp: bool | Literal["always"] = opt(True, "bfloat16 autocast: true on GPU, always: CPU too (docs/precision.md)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     num_workers: int = opt(0, "data loader worker processes")
     progress: bool = opt(True, "progress bars")
