@@ -248,5 +248,9 @@ def test_mixed_precisions_are_flagged_in_the_table() -> None:
     assert "different precisions" in text and "b: bfloat16 autocast" in text and "m: float32" in text
     from inflora.report.html import render
     assert "different precisions" in render(aggregate({"m": same, "b": other}), [], "t")
-    mixed = summarize_group("x", [same[0], fake_results(1)])  # a run from before precision was recorded
-    assert mixed["precision"] == ["float32", "unrecorded"]
+    # runs from before precision was recorded: derived from device and train.amp, as the runtime decides it
+    old_cpu = fake_results(1) | {"device": "cpu", "config": {"train": {"amp": True}}}
+    assert summarize_group("x", [same[0], old_cpu])["precision"] == ["float32"]
+    old_gpu = fake_results(2) | {"device": "cuda:0", "config": {"train": {"amp": True}}}
+    assert summarize_group("y", [old_gpu])["precision"] == ["bfloat16 autocast"]
+    assert summarize_group("z", [fake_results(3)])["precision"] == ["unrecorded"]  # neither device nor amp saved

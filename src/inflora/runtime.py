@@ -115,6 +115,11 @@ def autocast_enabled(amp: bool | str, device: torch.device) -> bool:
     raise ValueError(f"amp must be true, false or 'always', got {amp!r}")
 
 
+def precision_name(autocast: bool) -> str:
+    """How a run's forward passes compute, as ``results.json`` records it: ``"bfloat16 autocast"`` or ``"float32"``."""
+    return "bfloat16 autocast" if autocast else "float32"
+
+
 @dataclass
 class Runtime:
     """Where and how a run computes: its device, bfloat16 autocast (``train.amp``), rank and world size."""
@@ -138,8 +143,8 @@ class Runtime:
 
     @property
     def precision(self) -> str:
-        """What the forward passes compute in: ``"bfloat16 autocast"`` or ``"float32"`` (results.json records it)."""
-        return "bfloat16 autocast" if self.amp else "float32"
+        """What the forward passes compute in (:func:`precision_name`)."""
+        return precision_name(self.amp)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """bfloat16 autocast when ``amp``, else a no-op."""

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..metrics import accuracy_after, forgetting_per_task, mean_std, summarize
 from ..results import SUMMARY_KEYS
+from ..runtime import autocast_enabled, precision_name
 
 TIME_KEYS = ("wall_s", "train_s")
 METRIC_KEYS = (*SUMMARY_KEYS, *TIME_KEYS, "trainable_parameters")
@@ -133,6 +135,18 @@ def _mean_memory(runs: list[dict[str, Any]]) -> dict[str, list[float | None]] | 
     return out
 
 
+def run_precision(results: dict[str, Any]) -> str:
+    """The precision a run computed in: ``results["precision"]``, else (results written before it was recorded)
+    derived from the run's device and ``train.amp`` as the runtime decides it, else ``"unrecorded"``."""
+    if "precision" in results:
+        return str(results["precision"])
+    amp = (results.get("config") or {}).get("train", {}).get("amp")
+    try:
+        return precision_name(autocast_enabled(amp, torch.device(results["device"])))
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return "unrecorded"
+
+
 def summarize_group(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over the seeds of one variant's finished runs: the table's figures, the ``A_t`` curve, the
     accuracy matrix (lower triangle), forgetting per task, the phases' seconds per task and the memory dimensions
@@ -164,7 +178,7 @@ def summarize_group(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "eval_split": first.get("eval_split"),
         "num_tasks": num_tasks,
         "seeds": [r.get("seed") for r in runs],
-        "precision": sorted({r.get("precision", "unrecorded") for r in runs}),
+        "precision": sorted({run_precision(r) for r in runs}),
         "metrics": metrics,
         "per_seed": [{"seed": r.get("seed"), **m} for r, m in zip(runs, per_run, strict=True)],
         "accuracy_after_task": _mean_std_lists([curve(r) for r in runs]),

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from ..results import atomic_write_text
-from .tables import COLUMNS, HTML_FILE, cell, precision_lines, table_rows
+from .tables import COLUMNS, HTML_FILE, cell, precision_warning, table_rows
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -65,8 +65,9 @@ def render(comparison: dict[str, Any], figures: list[tuple[str, Path]], title: s
     if comparison["missing"]:
         missing = "; ".join(f"{escape(k)}: seeds {', '.join(map(str, v))}" for k, v in comparison["missing"].items())
         parts.append(f"<p class='note'>Without a finished run (not in the figures): {missing}.</p>")
-    for line in precision_lines(comparison)[1:]:
-        parts.append(f"<p class='note'>{escape(line.replace('**', ''))}</p>")
+    warning = precision_warning(comparison)
+    if warning:
+        parts.append(f"<p class='note'>{escape(warning)}</p>")
     parts.append("<h2>Figures</h2>")
     for name, path in figures:
         caption = CAPTIONS.get(name.split(":")[0], "")

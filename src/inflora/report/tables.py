@@ -62,7 +62,9 @@ def markdown(comparison: dict[str, Any]) -> str:
     only = [label for label in comparison["missing"] if label not in {m["label"] for m in comparison["methods"]}]
     if only:
         lines += ["", f"No finished run yet: {', '.join(only)}."]
-    lines += precision_lines(comparison)
+    warning = precision_warning(comparison)
+    if warning:
+        lines += ["", f"**{warning}**"]
     lines += ["", "A_T: accuracy on all seen test samples after the last task; A_bar: mean of A_t over tasks; "
               "forgetting: mean drop from each old task's best accuracy; BWT: mean change of each old task's accuracy "
               "since it was learnt; task-IL: accuracy among the task's own classes; task-id: predicted class in the "
@@ -71,14 +73,14 @@ def markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def precision_lines(comparison: dict[str, Any]) -> list[str]:
-    """A warning when the runs were not all computed in one precision (``results.json``'s ``precision``; runs
-    written before it was recorded count as ``unrecorded``): mixed precisions make the rows not comparable."""
+def precision_warning(comparison: dict[str, Any]) -> str | None:
+    """A warning when the runs were not all computed in one precision (see ``aggregate.run_precision``): mixed
+    precisions make the rows not comparable. None when they agree."""
     kinds = {m["label"]: m.get("precision", ["unrecorded"]) for m in comparison["methods"]}
     if len({p for ps in kinds.values() for p in ps}) <= 1:
-        return []
+        return None
     listed = "; ".join(f"{label}: {', '.join(ps)}" for label, ps in kinds.items())
-    return ["", f"**Warning: the runs were computed in different precisions** ({listed}); see docs/precision.md."]
+    return f"Warning: the runs were computed in different precisions ({listed}); see docs/precision.md."
 
 
 def csv_text(comparison: dict[str, Any]) -> str:
