@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from inflora.alignment import ClassStatistics, align_linear, alignment_lr, class_mean_scale, draw_samples
+from inflora.alignment import ClassStatistics, align_linear, alignment_lr, class_gaussians, draw_samples
 from inflora.metrics import final_accuracy, forgetting
 
 HEADS = ("pooled", "mixture", "ridge")
@@ -96,9 +96,7 @@ def mixture_align(weight: torch.Tensor, bias: torch.Tensor, stats: ClassStatisti
     counts = torch.tensor([stats.counts[k] for k in components], dtype=torch.float64)
     totals = torch.zeros(int(label_t.max()) + 1, dtype=torch.float64).index_add_(0, label_t, counts)
     per = (budget.samples_per_class * counts / totals[label_t]).round().clamp_min(1).long()
-    means, factors = stats.stacked(components, budget.shrink)
-    scales = torch.tensor([class_mean_scale(stats.last_task[k], task, budget.mean_scale) for k in components])
-    means = means * scales.unsqueeze(1)
+    means, factors = class_gaussians(stats, components, task, budget.shrink, budget.mean_scale)
     n = int(per.max())
     keep = torch.arange(n).unsqueeze(0) < per.unsqueeze(1)
     y_all = label_t.unsqueeze(1).expand(-1, n)[keep]
