@@ -189,14 +189,16 @@ def char_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 TINY = ["train.progress=false", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=64",
-        "model.max_length=48", "aligned.samples_per_class=8", "aligned.epochs=1", "scenario.eval_split=val"]
+        "model.max_length=48", "scenario.eval_split=val"]
+ALIGNED = ["aligned.samples_per_class=8", "aligned.epochs=1"]  # for runs with the aligned head
 RANK = {"inflora": ["inflora.rank=2", "inflora.stats_samples=16"], "seqlora": ["seqlora.rank=2"],
         "joint": ["joint.rank=2"], "frozen": []}
 
 
 def tiny_run(preset: str, data_dir: Path, bert: Path, method: str, *extra: str) -> tuple[Experiment, dict]:
-    config = load_config(preset, [*TINY, f"data.data_dir={data_dir}", f"model.backbone={bert}",
-                                  f"method={method}", *RANK[method], *extra])
+    aligned = preset == "clinc150-cipher" or "classifier=aligned" in extra
+    config = load_config(preset, [*TINY, *(ALIGNED if aligned else []), f"data.data_dir={data_dir}",
+                                  f"model.backbone={bert}", f"method={method}", *RANK[method], *extra])
     experiment = Experiment(config)
     return experiment, experiment.run()
 
@@ -223,6 +225,16 @@ def test_clinc150_ciphers_runs_end_to_end(data_dir: Path, char_bert: Path, metho
     assert results["test_counts"] == [150, 150] and results["eval_split"] == "val"
     assert [t["domain"] for t in results["data_fingerprint"]["tasks"]] == ["plain", "cipher-3"]
     assert results["task_il_matrix"] == results["accuracy_matrix"]  # one shared label space
+    assert results["classifier"] == "ridge"  # the preset's head, chosen on the validation split
+    assert experiment.learner.classifier.weight.shape[1] == 150  # one solved head over the 150 shared intents
+    assert experiment.learner.classifier.chosen.numel() == 2  # a lambda per domain, the sums accumulated
+
+
+def test_clinc150_ciphers_with_the_aligned_head_shares_one_head(data_dir: Path, char_bert: Path) -> None:
+    experiment, results = tiny_run("clinc150-ciphers", data_dir, char_bert, "inflora", "classifier=aligned",
+                                   "scenario.domains=[plain, cipher-3]", "scenario.max_train_per_class=1",
+                                   "scenario.max_test_per_class=1")
+    assert results["classifier"] == "aligned" and results["task_il_matrix"] == results["accuracy_matrix"]
     assert len(experiment.learner.classifier.heads) == 1
 
 
@@ -230,8 +242,8 @@ def test_a_run_is_not_resumed_under_another_cipher(data_dir: Path, char_bert: Pa
     from inflora.checkpoint import load_latest, save_checkpoint
 
     reduced = ["scenario.num_tasks=2", "scenario.classes_per_task=3", "scenario.max_train_per_class=4"]
-    config = load_config("clinc150-cipher", [*TINY, f"data.data_dir={data_dir}", f"model.backbone={char_bert}",
-                                             *RANK["inflora"], *reduced])
+    config = load_config("clinc150-cipher", [*TINY, *ALIGNED, f"data.data_dir={data_dir}",
+                                             f"model.backbone={char_bert}", *RANK["inflora"], *reduced])
     first = Experiment(config)
     first.run_task(0)
     save_checkpoint(tmp_path, first.state, first.learner.state_dict(), config, first.num_tasks, data=first.fingerprint)
