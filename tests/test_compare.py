@@ -54,6 +54,27 @@ def test_methods_from_a_yaml_file(tmp_path: Path) -> None:
         parse_methods(str(grid))
 
 
+GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
+COMPARE_GRIDS = {  # the committed `inflora compare --methods` files: preset, common overrides, number of variants
+    "clinc150-chosen.yaml": ("clinc150", [], 17),
+    "clinc150-ciphers-chosen.yaml": ("clinc150-ciphers", [], 4),
+    "clinc150-cipher-val-rest.yaml": ("clinc150-cipher", ["scenario.eval_split=val", "scenario.num_tasks=3",
+                                                          "scenario.classes_per_task=15"], 30),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPARE_GRIDS))
+def test_committed_grids_resolve(name: str) -> None:
+    """Every variant of the grids the docs' tables come from resolves on its preset (labels, keys, option sections)."""
+    preset, common, count = COMPARE_GRIDS[name]
+    variants = parse_methods(str(GRIDS / name))
+    assert len(variants) == count
+    check_sections_used(preset, variants, common)
+    for variant in variants:
+        config = resolve(preset, variant, common, seed=0)
+        assert config.method == variant.method
+
+
 def test_option_sections_go_to_the_variants_that_own_them() -> None:
     variants = parse_methods("inflora,seqlora,frozen[classifier=aligned]")
     common = ["inflora.rank=3", "aligned.epochs=2", "train.epochs=4"]
