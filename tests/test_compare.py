@@ -72,8 +72,16 @@ def test_committed_grids_resolve(name: str) -> None:
     assert len(variants) == count
     check_sections_used(preset, variants, common)
     for variant in variants:
-        config = resolve(preset, variant, common, seed=0)
-        assert config.method == variant.method
+        resolve(preset, variant, common, seed=0)
+
+
+def test_cipher_grid_pins_the_one_epoch_runs_of_its_table() -> None:
+    """joint and seqlora were chosen with one epoch, before the preset moved to 3: the grid must not inherit 3."""
+    variants = {v.label: v for v in parse_methods(str(GRIDS / "clinc150-cipher-chosen.yaml"))}
+    for label in ("joint", "seqlora"):
+        config = resolve("clinc150-cipher", variants[label], [], seed=0)
+        assert (config.train.epochs, config.train.lr) == (1, 1e-3)
+    assert resolve("clinc150-cipher", variants["inflora"], [], seed=0).train.epochs == 3
 
 
 def test_option_sections_go_to_the_variants_that_own_them() -> None:
