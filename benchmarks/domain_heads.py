@@ -11,6 +11,9 @@ Heads (each starts from zero weights after every domain, so the head alone is me
   same SGD otherwise. With one domain it is ``pooled`` exactly (tested).
 - ``ridge``: the exact least-squares linear head ``(X^T X + lam I)^-1 X^T Y`` on the raw features of every domain
   seen: what any linear head on these features can reach, without sampling.
+- ``prototype``: cosine nearest class mean, each class's mean pooled over every domain seen (the ``prototype``
+  classifier of SimpleCIL and APER as inflora runs them).
+- ``prototype-domain``: cosine nearest mean of one prototype per (class, domain); the class of the nearest wins.
 
 The alignment's budget (``--epochs``, ``--lr``, ``--weight-decay``) defaults to the preset's (10, 0.01, 5e-4); a
 larger one shows how much of the gap is under-training. Example::
@@ -38,7 +41,7 @@ from torch.nn import functional as F
 from inflora.alignment import ClassStatistics, align_linear, alignment_lr, class_gaussians, draw_samples
 from inflora.metrics import final_accuracy, forgetting
 
-HEADS = ("pooled", "mixture", "ridge")
+HEADS = ("pooled", "mixture", "ridge", "prototype", "prototype-domain")
 
 
 @dataclass
@@ -125,6 +128,19 @@ def ridge_head(train: Features, upto: int, num_classes: int, lam: float) -> tupl
     return w.T.float(), torch.zeros(num_classes)
 
 
+def prototype_head(train: Features, upto: int, num_classes: int, per_domain: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit class means (float64 sums) of domains ``0..upto`` as a linear map of unit features: one row per class,
+    or one per (domain, class) with ``per_domain`` (row ``d * num_classes + c``); zero bias, ``-inf`` for rows
+    without samples."""
+    sel = train.d <= upto
+    rows = train.y[sel] + (train.d[sel] * num_classes if per_domain else 0)
+    count = (upto + 1) * num_classes if per_domain else num_classes
+    sums = torch.zeros(count, train.x.shape[1], dtype=torch.float64).index_add_(0, rows, train.x[sel].double())
+    counts = torch.bincount(rows, minlength=count)
+    bias = torch.zeros(count).masked_fill(counts == 0, float("-inf"))
+    return F.normalize(sums, dim=1).float(), bias
+
+
 def run_head(head: str, train: Features, test: Features, num_classes: int, num_domains: int, budget: Budget,
              lam: float, seed: int) -> list[list[float]]:
     """Accuracy matrix (rows: after domain t; columns: domains 0..t, in %) of ``head``."""
@@ -143,14 +159,17 @@ def run_head(head: str, train: Features, test: Features, num_classes: int, num_d
             components = mixture.classes
             w, b = mixture_align(zeros_w, zeros_b, mixture, components, [k % num_classes for k in components], t,
                                  budget, generator)
-        else:
+        elif head == "ridge":
             w, b = ridge_head(train, t, num_classes, lam)
+        else:
+            w, b = prototype_head(train, t, num_classes, per_domain=head == "prototype-domain")
         row = []
         for d in range(t + 1):
             s = test.d == d
-            row.append(100.0 * ((test.x[s] @ w.T + b).argmax(1) == test.y[s]).float().mean().item())
+            x = F.normalize(test.x[s], dim=1) if head.startswith("prototype") else test.x[s]
+            row.append(100.0 * ((x @ w.T + b).argmax(1) % num_classes == test.y[s]).float().mean().item())
         matrix.append(row)
-        print(f"{head:8s} after domain {t}: " + ", ".join(f"{a:.1f}" for a in row), flush=True)
+        print(f"{head:16s} after domain {t}: " + ", ".join(f"{a:.1f}" for a in row), flush=True)
     return matrix
 
 
@@ -201,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     for head in heads:
         r = results[head]
         last = ", ".join(f"{x:.1f}" for x in r["matrix"][-1])
-        print(f"{head:8s} A_T {r['A_T']:6.2f}  forgetting {r['forgetting']:6.2f}  after the last domain: {last}")
+        print(f"{head:16s} A_T {r['A_T']:6.2f}  forgetting {r['forgetting']:6.2f}  after the last domain: {last}")
     if a.json is not None:
         a.json.write_text(json.dumps(results, indent=1))
     return 0 if all(math.isfinite(results[h]["A_T"]) for h in heads) else 1

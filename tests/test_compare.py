@@ -57,7 +57,10 @@ def test_methods_from_a_yaml_file(tmp_path: Path) -> None:
 GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
 COMPARE_GRIDS = {  # the committed `inflora compare --methods` files: preset, common overrides, number of variants
     "clinc150-chosen.yaml": ("clinc150", [], 17),
-    "clinc150-ciphers-chosen.yaml": ("clinc150-ciphers", [], 4),
+    "clinc150-ciphers-chosen.yaml": ("clinc150-ciphers", [], 6),
+    "clinc150-ciphers-val-rest.yaml": ("clinc150-ciphers", ["scenario.eval_split=val",
+                                                            "scenario.domains=[plain,cipher-1,cipher-2]",
+                                                            "scenario.max_train_per_class=30"], 6),
     "clinc150-cipher-chosen.yaml": ("clinc150-cipher", [], 16),
     "clinc150-cipher-val-rest.yaml": ("clinc150-cipher", ["scenario.eval_split=val", "scenario.num_tasks=3",
                                                           "scenario.classes_per_task=15"], 30),

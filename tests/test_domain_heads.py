@@ -1,5 +1,7 @@
 """benchmarks/domain_heads.py: its mixture alignment reduces to the product's alignment with one Gaussian per class,
-its ridge head is the least-squares solution, and a tiny run gives one accuracy row per domain."""
+its ridge head is the least-squares solution, its pooled prototype head predicts what the product's ``prototype``
+classifier predicts, per-domain prototypes keep a domain that pooled ones lose, and a tiny run gives one accuracy row
+per domain."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import pytest
 import torch
 
 from inflora.alignment import ClassStatistics, align_linear
+from inflora.classifiers.base import ClassLayout
+from inflora.classifiers.prototype import PrototypeClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +62,37 @@ def test_ridge_head_is_the_least_squares_solution() -> None:
     assert torch.allclose(w, expected, atol=1e-4) and not b.any()
 
 
-@pytest.mark.parametrize("head", ["pooled", "mixture", "ridge"])
+def test_pooled_prototypes_predict_what_the_products_prototype_classifier_predicts() -> None:
+    bench = load_benchmark()
+    x, y, d = features(domains=2, classes=4, per=10, dim=5)
+    product = PrototypeClassifier(5, ClassLayout.create("domain", [4, 4]), None, torch.device("cpu"))
+    for t in range(2):
+        product.observe(x[d == t], y[d == t], t)
+        product.end_task(t, 0)
+        w, b = bench.prototype_head(bench.Features(x, y, d), t, 4, per_domain=False)
+        ours = torch.nn.functional.normalize(x, dim=1) @ w.T + b
+        assert torch.allclose(ours, product.logits(x, t), atol=1e-5)
+
+
+def test_per_domain_prototypes_keep_a_concentrated_domain_that_pooled_ones_lose() -> None:
+    """Domain 1 is what ciphered text looks like to the encoder: short features near one shared direction with small
+    class offsets; pooled means are then the wide domain 0's, and domain 1's samples fall to the wrong classes."""
+    bench = load_benchmark()
+    g = torch.Generator().manual_seed(0)
+    classes, per, dim = 6, 30, 8
+    y = torch.arange(classes).repeat_interleave(per)
+    wide = torch.randn(classes, dim, generator=g) * 4
+    shared = torch.randn(dim, generator=g) * 2
+    narrow = shared + torch.randn(classes, dim, generator=g) * 0.4
+    x = torch.cat([wide[y], narrow[y]]) + 0.1 * torch.randn(2 * len(y), dim, generator=g)
+    data = bench.Features(x, y.repeat(2), torch.arange(2).repeat_interleave(len(y)))
+    pooled = bench.run_head("prototype", data, data, classes, 2, bench.Budget(), 1.0, 0)
+    split = bench.run_head("prototype-domain", data, data, classes, 2, bench.Budget(), 1.0, 0)
+    assert split[-1][1] > 90 and split[-1][0] > 90
+    assert pooled[-1][1] < split[-1][1] - 20
+
+
+@pytest.mark.parametrize("head", ["pooled", "mixture", "ridge", "prototype", "prototype-domain"])
 def test_a_tiny_run_gives_one_row_per_domain_and_learns(head: str) -> None:
     bench = load_benchmark()
     train, test = bench.Features(*features(0)), bench.Features(*features(0))
