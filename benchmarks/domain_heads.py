@@ -141,6 +141,22 @@ def prototype_head(train: Features, upto: int, num_classes: int, per_domain: boo
     return F.normalize(sums, dim=1).float(), bias
 
 
+def domain_statistics(train: Features, num_classes: int) -> list[dict[str, float]]:
+    """Per domain: the features' mean norm, the share of their energy along their own mean direction, and the mean
+    distance of the class means to their centre (how far apart the classes are)."""
+    out = []
+    for d in range(int(train.d.max()) + 1):
+        x, y = train.x[train.d == d].double(), train.y[train.d == d]
+        direction = F.normalize(x.mean(0), dim=0)
+        means = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+        present = torch.bincount(y, minlength=num_classes) > 0
+        means = means[present] / torch.bincount(y, minlength=num_classes)[present, None]
+        out.append({"norm": x.norm(dim=1).mean().item(),
+                    "mean_direction_energy": ((x @ direction) ** 2).sum().item() / (x**2).sum().item(),
+                    "class_mean_spread": (means - means.mean(0)).norm(dim=1).mean().item()})
+    return out
+
+
 def run_head(head: str, train: Features, test: Features, num_classes: int, num_domains: int, budget: Budget,
              lam: float, seed: int) -> list[list[float]]:
     """Accuracy matrix (rows: after domain t; columns: domains 0..t, in %) of ``head``."""
@@ -209,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     train, test = Features(*data["train"]), Features(*data["test"])
     budget = Budget(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, samples_per_class=a.samples_per_class)
     results: dict[str, Any] = {"domains": data["domains"], "budget": vars(budget), "ridge_lambda": a.ridge_lambda}
+    results["statistics"] = domain_statistics(train, data["num_classes"])
+    for name, s in zip(data["domains"], results["statistics"], strict=True):
+        print(f"{name}: mean feature norm {s['norm']:.2f}, energy along its mean direction "
+              f"{100 * s['mean_direction_energy']:.0f} %, class means' distance to their centre "
+              f"{s['class_mean_spread']:.2f} (training features)")
     for head in heads:
         start = time.perf_counter()
         matrix = run_head(head, train, test, data["num_classes"], len(data["domains"]), budget, a.ridge_lambda,

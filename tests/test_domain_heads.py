@@ -92,6 +92,16 @@ def test_per_domain_prototypes_keep_a_concentrated_domain_that_pooled_ones_lose(
     assert pooled[-1][1] < split[-1][1] - 20
 
 
+def test_domain_statistics_against_hand_computed_values() -> None:
+    bench = load_benchmark()
+    x = torch.tensor([[3.0, 0.0], [5.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    data = bench.Features(x, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1]))
+    first, second = bench.domain_statistics(data, 2)
+    assert first == pytest.approx({"norm": 4.0, "mean_direction_energy": 1.0, "class_mean_spread": 1.0})
+    # domain 1: unit features at right angles, mean direction at 45 degrees to each: half the energy along it
+    assert second == pytest.approx({"norm": 1.0, "mean_direction_energy": 0.5, "class_mean_spread": 0.5**0.5})
+
+
 @pytest.mark.parametrize("head", ["pooled", "mixture", "ridge", "prototype", "prototype-domain"])
 def test_a_tiny_run_gives_one_row_per_domain_and_learns(head: str) -> None:
     bench = load_benchmark()
