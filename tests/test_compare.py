@@ -57,10 +57,13 @@ def test_methods_from_a_yaml_file(tmp_path: Path) -> None:
 GRIDS = Path(__file__).resolve().parents[1] / "benchmarks" / "grids"
 COMPARE_GRIDS = {  # the committed `inflora compare --methods` files: preset, common overrides, number of variants
     "clinc150-chosen.yaml": ("clinc150", [], 17),
-    "clinc150-ciphers-chosen.yaml": ("clinc150-ciphers", [], 6),
+    "clinc150-ciphers-chosen.yaml": ("clinc150-ciphers", [], 14),
     "clinc150-ciphers-val-rest.yaml": ("clinc150-ciphers", ["scenario.eval_split=val",
                                                             "scenario.domains=[plain,cipher-1,cipher-2]",
                                                             "scenario.max_train_per_class=30"], 6),
+    "clinc150-ciphers-val-adapters.yaml": ("clinc150-ciphers", ["scenario.eval_split=val",
+                                                                "scenario.domains=[plain,cipher-1,cipher-2]",
+                                                                "scenario.max_train_per_class=30"], 24),
     "clinc150-cipher-chosen.yaml": ("clinc150-cipher", [], 16),
     "clinc150-cipher-val-rest.yaml": ("clinc150-cipher", ["scenario.eval_split=val", "scenario.num_tasks=3",
                                                           "scenario.classes_per_task=15"], 30),
@@ -85,6 +88,19 @@ def test_cipher_grid_pins_the_one_epoch_runs_of_its_table() -> None:
         config = resolve("clinc150-cipher", variants[label], [], seed=0)
         assert (config.train.epochs, config.train.lr) == (1, 1e-3)
     assert resolve("clinc150-cipher", variants["inflora"], [], seed=0).train.epochs == 3
+
+
+def test_ciphers_adapter_grid_keeps_one_epoch_and_the_cipher_learning_rates() -> None:
+    """The adapters' ciphers variants differ only in the head: 1 epoch (the preset's) and each learner's lr."""
+    for name in ("clinc150-ciphers-val-adapters.yaml", "clinc150-ciphers-chosen.yaml"):
+        for variant in parse_methods(str(GRIDS / name)):
+            config = resolve("clinc150-ciphers", variant, [], seed=0)
+            if config.method in ("sdlora", "olora"):
+                assert (config.train.epochs, config.train.lr) == (1, 1e-3), variant.label
+            elif config.method in ("clora", "lae", "colora", "l2p", "dualprompt", "codaprompt"):
+                assert (config.train.epochs, config.train.lr) == (1, 5e-3), variant.label
+                if name.endswith("chosen.yaml"):
+                    assert config.classifier == "ridge", variant.label
 
 
 def test_option_sections_go_to_the_variants_that_own_them() -> None:
