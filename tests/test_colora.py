@@ -16,6 +16,7 @@ from inflora.classifiers import ClassLayout
 from inflora.classifiers.linear import LinearHeads
 from inflora.config import ConfigError, TrainConfig, load_config
 from inflora.engine import Experiment
+from inflora.evaluation import evaluate, routing_accuracy
 from inflora.kmeans import kmeans, lloyd
 from inflora.learners import CoLoRLearner, CoLoROptions, LearnerSetup, TaskContext
 from inflora.lora import use_branches
@@ -194,6 +195,8 @@ def test_class_incremental_run_identifies_every_task_and_round_trips(images: Pat
     assert results["task_id_matrix"] == [[100.0], [100.0, 100.0]]  # well-separated tasks: routing is perfect
     counts = experiment.data.eval_counts()
     assert [d["routed"] for d in results["diagnostics"]] == [counts[:1], counts[:2]]
+    assert results["diagnostics"][-1]["routing_matrix"] == [[counts[0], 0], [0, counts[1]]]
+    assert [d["routing_accuracy"] for d in results["diagnostics"]] == [[100.0], [100.0, 100.0]]
     sizes = [len(task.train_indices) for task in experiment.scenario.tasks]
     assert [d["kmeans_points"] for d in results["diagnostics"]] == sizes  # all training samples clustered
     assert all(d["method_s"] > 0 for d in results["diagnostics"])
@@ -213,6 +216,28 @@ def test_class_incremental_run_identifies_every_task_and_round_trips(images: Pat
     assert all(torch.equal(a, b) for a, b in zip(fresh.centroids, learner.centroids, strict=True))
     with pytest.raises(ValueError, match="centroids"):
         Experiment(config).learner.load_state_dict({k: v for k, v in state.items() if "centroids.1" not in k})
+
+
+def test_routing_matrix_counts_each_sample_against_its_true_task(images: Path) -> None:
+    """Centroids moved so that some samples go astray: the pass's routing counts equal a task-by-task recount with
+    ``identify``, and in a class layout the routing accuracy is the task-id accuracy."""
+    experiment = Experiment(tiny(images))
+    experiment.run()
+    learner, data = experiment.learner, experiment.data
+    both = torch.cat(learner.centroids)
+    learner.centroids = [both[::2].clone(), both[1::2].clone()]  # every task gets half of each task's centroids
+    result = evaluate(learner, data, experiment.layout, 1)
+    learner.train_mode(False)
+    expected = []
+    for j in range(2):
+        dataset = data.split(data.eval_split, data.eval_indices(j), train_transforms=False)
+        with torch.no_grad():
+            tags = torch.cat([learner.identify(inputs, 1) for inputs, _ in data.loader(dataset, 4)])
+        expected.append(torch.bincount(tags, minlength=2).tolist())
+    assert result.routing == expected
+    assert sum(expected[0][1:]) + expected[1][0] > 0  # the moved centroids do send samples astray
+    assert routing_accuracy(expected) == pytest.approx(result.task_id)
+    assert routing_accuracy([[3, 1], [0, 0]]) == [75.0, 0.0]
 
 
 def test_oracle_run_changes_task_il_only(images: Path) -> None:
@@ -235,6 +260,7 @@ def test_domain_incremental_run_routes_domains_through_one_shared_head(tmp_path:
     assert len(experiment.learner.classifier.heads) == 1  # one shared head
     assert results["task_il_matrix"] == results["accuracy_matrix"]
     assert results["diagnostics"][-1]["routed"] == experiment.data.eval_counts()  # each domain to its branch
+    assert results["diagnostics"][-1]["routing_accuracy"] == [100.0, 100.0]  # sample by sample
     assert results["accuracy_matrix"][-1][-1] >= 66.0  # 3 colour classes: learnable
 
 

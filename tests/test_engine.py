@@ -117,7 +117,8 @@ def test_one_pass_evaluation_equals_task_by_task(images: Path) -> None:
     experiment.run()
     upto = experiment.num_tasks - 1
     data, learner = experiment.data, experiment.learner
-    row, til, tid = evaluate(learner, data, experiment.layout, upto)
+    row, til, tid, routing = evaluate(learner, data, experiment.layout, upto)
+    assert routing is None  # the linear learner routes nothing
     sizes = [len(t.classes) for t in experiment.scenario.tasks]
     for j in range(upto + 1):
         dataset = data.split(data.eval_split, data.eval_indices(j), train_transforms=False)

@@ -16,7 +16,7 @@ from .config import ConfigError, RunConfig, to_dict
 from .data import ContinualDataset, Scenario, apply_cipher, class_incremental, domain_incremental, load_dataset
 from .data.fingerprint import fingerprint_differences, scenario_fingerprint
 from .drift import FeatureProbe
-from .evaluation import evaluate
+from .evaluation import evaluate, routing_accuracy
 from .learners import LEARNERS, Learner, LearnerSetup, TaskContext
 from .metrics import accuracy_after
 from .results import RunState, build_results
@@ -122,9 +122,11 @@ class Experiment:
         with rt.timer(timings, "end_s"):
             learner.end_task(ctx)
         with rt.timer(timings, "eval_s"):
-            row, til, tid = evaluate(learner, self.data, self.layout, task, self.probe)
+            row, til, tid, routing = evaluate(learner, self.data, self.layout, task, self.probe)
         diagnostics = {"trainable_parameters": trained["trainable_parameters"], **learner.diagnostics(),
-                       **({"last_step": trained["logs"]} if trained["logs"] else {})}
+                       **({"last_step": trained["logs"]} if trained["logs"] else {}),
+                       **({} if routing is None else {"routing_matrix": routing,
+                                                      "routing_accuracy": routing_accuracy(routing)})}
         share = float(diagnostics.get("method_s", 0.0)) / timings["train_s"] if timings["train_s"] > 0 else 0.0
         self.state.add_task(row, til, tid, timings, diagnostics, self.probe.row if self.probe.active else None)
         log.info("task %d: accuracy on seen tasks %s (mean %.2f); train %.1fs, method-specific work %.1f%%",

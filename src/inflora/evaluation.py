@@ -1,7 +1,10 @@
-"""Evaluation after a task: class-IL, task-IL and task-id accuracy of every seen task in one no-gradient pass, and
-the probe samples' features for the feature-drift meter from the same pass."""
+"""Evaluation after a task: class-IL, task-IL and task-id accuracy of every seen task in one no-gradient pass, the
+routing counts of learners that route samples to a task, and the probe samples' features for the feature-drift meter
+from the same pass."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -12,12 +15,33 @@ from .learners import Learner
 from .taskdata import TaskData
 
 
+class Evaluation(NamedTuple):
+    """One evaluation pass's figures, one entry per seen task."""
+
+    class_il: list[float]
+    """accuracy (%) with no task identity: argmax over every seen class"""
+    task_il: list[float]
+    """accuracy (%) inside the true task's classes"""
+    task_id: list[float]
+    """share (%) of samples whose predicted class belongs to their true task"""
+    routing: list[list[int]] | None
+    """``routing[i][j]``: samples of task ``i`` the learner sent to task ``j`` (:meth:`Learner.routing`); None when
+    the learner does not route"""
+
+
+def routing_accuracy(routing: list[list[int]]) -> list[float]:
+    """Per true task, the share (%) of its samples routed to itself: ``routing[i][i] / sum_j routing[i][j]``."""
+    return [100.0 * row[i] / max(sum(row), 1) for i, row in enumerate(routing)]
+
+
 @torch.no_grad()
 def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int, probe: FeatureProbe | None = None
-             ) -> tuple[list[float], list[float], list[float]]:
+             ) -> Evaluation:
     """Accuracies (%) on each seen task's evaluation data after task ``upto``: class-IL (argmax over every seen
     class, no task identity), task-IL (argmax inside the true task's classes) and task identity (the predicted
-    class belongs to the true task; always true in a domain layout, where task-IL equals class-IL).
+    class belongs to the true task; always true in a domain layout, where task-IL equals class-IL), and, for a
+    learner whose :meth:`Learner.routing` names each sample's task, the routing counts (true task x routed task),
+    which in a domain layout are the only per-sample check of the routing.
 
     One pass covers every seen task's samples (text in order of length, so batches carry little padding); counts
     are kept per task and summed over ranks. With an active ``probe`` the pass takes the logits and the features
@@ -31,6 +55,7 @@ def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int, p
     if probe is not None:
         probe.begin(data, upto, learner.classifier.feature_dim)
     counts = torch.zeros(4, upto + 1, dtype=torch.long, device=runtime.device)  # correct, task-IL, task-id, total
+    routes = torch.zeros(upto + 1, upto + 1, dtype=torch.long) if type(learner).routing is not Learner.routing else None
     seen = 0
     for inputs, labels in batches:
         tasks = owner[seen : seen + len(labels)]
@@ -40,6 +65,9 @@ def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int, p
         else:
             logits = learner.predict(inputs, upto)
         seen += len(labels)
+        routed = learner.routing() if routes is not None else None
+        if routes is not None and routed is not None:
+            routes.index_put_((tasks.cpu(), routed.cpu()), torch.ones(len(labels), dtype=torch.long), accumulate=True)
         logits = logits.float()
         pred = logits.argmax(-1)
         hit = pred == labels
@@ -53,4 +81,5 @@ def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int, p
         probe.end(upto)
     total = counts[3].clamp(min=1).double()
     row, til, tid = ((100.0 * counts[k].double() / total).tolist() for k in range(3))
-    return row, til, tid
+    routing = None if routes is None else all_reduce_sum(routes).tolist()
+    return Evaluation(row, til, tid, routing)

@@ -251,6 +251,12 @@ class Learner:
             features = self.features(inputs).float()
         return self.classifier.logits(features, upto), features
 
+    def routing(self) -> torch.Tensor | None:
+        """The task each sample of the latest :meth:`predict` call was sent to, for a learner that picks a
+        task-specific part per sample (CoLoR's nearest centroid); None for the rest. The evaluation pass compares
+        it with the samples' true tasks (``routing_matrix`` and ``routing_accuracy`` in the diagnostics)."""
+        return None
+
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything the learner learnt, as CPU tensors (the checkpoint saves it whole)."""

@@ -68,6 +68,7 @@ class CoLoRLearner(Learner):
         self.generator = torch.Generator()
         self.centroids: list[torch.Tensor] = []
         self.routed = torch.zeros(self.num_tasks, dtype=torch.long)
+        self.last_routing: torch.Tensor | None = None
 
     def layers(self) -> list[LoRALinear]:
         return [layer for site in self.sites for layer in site]
@@ -191,8 +192,13 @@ class CoLoRLearner(Learner):
             else:
                 logits = self.routed_logits(inputs, tasks, upto)
         self.routed[: upto + 1] += torch.bincount(tasks.cpu(), minlength=upto + 1)
+        self.last_routing = tasks
         logits = logits.float()
         return self.keep_within(logits, tasks) if self.classifier.layout.kind == "class" else logits
+
+    def routing(self) -> torch.Tensor | None:
+        """The nearest centroid's task of each sample of the latest :meth:`predict` call."""
+        return self.last_routing
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -225,8 +231,9 @@ class CoLoRLearner(Learner):
     # ------------------------------------------------------------------------------------------ reporting, export
     def diagnostics(self) -> dict[str, Any]:
         """The task's k-means figures and, after the evaluation that follows the task, how many evaluated samples
-        the centroids routed to each task (``routed``); class layout: the engine's task-id accuracy is the
-        routing accuracy, since a prediction stays inside the identified task."""
+        the centroids routed to each task (``routed``, the column sums of the engine's ``routing_matrix``, whose
+        ``routing_accuracy`` is the per-sample check; class layout: the engine's task-id accuracy equals it, since
+        a prediction stays inside the identified task)."""
         routed = all_reduce_sum(self.routed[: self.tasks_done].clone())
         return {**super().diagnostics(), "routed": routed.tolist()}
 
