@@ -20,6 +20,7 @@ from inflora.cli import main
 from inflora.config import ConfigError, load_config, to_dict
 from inflora.metrics import forgetting_per_task
 from inflora.report import ReportError, aggregate, collect, memory_dimensions, summarize_group, write_report
+from inflora.report.tables import csv_text, markdown
 from inflora.runfolder import FIGURES, REPORT_FILES
 from inflora.tblog import require_tensorboard
 
@@ -88,6 +89,20 @@ def test_aggregation_is_mean_and_sample_std_over_seeds() -> None:
     assert group["memory_dimensions"]["blocks.10.qkv"] == pytest.approx([3 * t + 1.0 for t in range(4)])
     single = summarize_group("one", [runs[0]])
     assert single["metrics"]["final_accuracy"]["std"] == 0.0
+
+
+def test_routing_accuracy_is_reported_only_for_learners_that_route() -> None:
+    plain = [fake_results(s) for s in (0, 1)]
+    routed = [fake_results(s, method="r") for s in (0, 1)]
+    routed[0]["diagnostics"][-1]["routing_matrix"] = [[9, 1, 0, 0], [0, 10, 0, 0], [2, 0, 8, 0], [0, 0, 0, 10]]
+    routed[1]["diagnostics"][-1]["routing_matrix"] = [[10, 0, 0, 0], [0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]]
+    comparison = aggregate({"plain": plain, "routed": routed})
+    assert "routing_accuracy" not in comparison["methods"][0]["metrics"]
+    figure = comparison["methods"][1]["metrics"]["routing_accuracy"]
+    assert figure["values"] == pytest.approx([100.0 * 37 / 40, 100.0])
+    text = markdown(comparison)
+    assert "Routing accuracy after the last task" in text and "routed 96.25 ± 5.30" in text and "plain 9" not in text
+    assert csv_text(comparison).splitlines()[0].endswith("routing_accuracy_mean,routing_accuracy_std")
 
 
 def test_forgetting_per_task_and_memory_from_either_diagnostic() -> None:

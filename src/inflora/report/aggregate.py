@@ -11,7 +11,10 @@ from the saved matrices with :mod:`inflora.metrics` (so every run is summarised 
 * ``task_il_accuracy`` (the task's own classes only) and ``task_id_accuracy`` (is the predicted class in the right
   task) after the last task;
 * ``wall_s``: seconds of all tasks' phases (begin, train, end of task, evaluation; start-up excluded), ``train_s``:
-  seconds of the training loops, ``trainable_parameters``: parameters trained per task, averaged over the tasks.
+  seconds of the training loops, ``trainable_parameters``: parameters trained per task, averaged over the tasks;
+* ``routing_accuracy``, only for learners that route each sample to a task (CoLoR): the share of all seen test
+  samples sent to their own task after the last task, ``sum_i R[i][i] / sum_ij R[i][j]`` of the last task's
+  ``routing_matrix`` ``R``.
 
 Over seeds, every figure is the mean and the sample standard deviation (``ddof=1``; 0 for one seed,
 :func:`inflora.metrics.mean_std`). Curves, matrices and per-task figures are averaged entry by entry (task
@@ -33,7 +36,7 @@ from ..results import SUMMARY_KEYS
 from ..runtime import autocast_enabled, precision_name
 
 TIME_KEYS = ("wall_s", "train_s")
-METRIC_KEYS = (*SUMMARY_KEYS, *TIME_KEYS, "trainable_parameters")
+METRIC_KEYS = (*SUMMARY_KEYS, *TIME_KEYS, "trainable_parameters", "routing_accuracy")
 """The figures of the comparison table, in order."""
 PHASES = ("begin_s", "train_s", "end_s", "eval_s")
 """The phases of a task as results.json times them."""
@@ -78,6 +81,10 @@ def run_metrics(results: dict[str, Any]) -> dict[str, float]:
     trained = [d["trainable_parameters"] for d in results.get("diagnostics") or [] if "trainable_parameters" in d]
     if trained:
         out["trainable_parameters"] = float(np.mean(trained))
+    routing = (results.get("diagnostics") or [{}])[-1].get("routing_matrix")
+    if routing:
+        total = sum(map(sum, routing))
+        out["routing_accuracy"] = 100.0 * sum(row[i] for i, row in enumerate(routing)) / max(total, 1)
     return out
 
 

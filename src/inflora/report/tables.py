@@ -62,6 +62,11 @@ def markdown(comparison: dict[str, Any]) -> str:
     only = [label for label in comparison["missing"] if label not in {m["label"] for m in comparison["methods"]}]
     if only:
         lines += ["", f"No finished run yet: {', '.join(only)}."]
+    routed = [f"{m['label']} {cell(m['metrics']['routing_accuracy'], 'routing_accuracy')}"
+              for m in comparison["methods"] if "routing_accuracy" in m["metrics"]]
+    if routed:
+        lines += ["", "Routing accuracy after the last task (evaluated samples sent to their own task): "
+                  f"{', '.join(routed)}."]
     warning = precision_warning(comparison)
     if warning:
         lines += ["", f"**{warning}**"]
