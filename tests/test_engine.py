@@ -57,6 +57,23 @@ def test_vision_run_end_to_end(images: Path) -> None:
     assert results["task_il_accuracy"] >= 90.0  # 2 classes per task: coloured classes are learnable (measured 100)
 
 
+def test_training_loss_at_the_start_and_end_of_each_task_is_recorded(images: Path) -> None:
+    """``train_loss_start``/``train_loss_end``: the mean loss over the first / last tenth of a task's steps, checked
+    against every step's loss as a step logger sees it; a learner that trains nothing records neither."""
+    experiment = Experiment(vision_config(images, "train.epochs=3"))
+    seen: dict[int, list[float]] = {}
+    experiment.step_loggers.append(lambda record: seen.setdefault(record.task, []).append(record.loss))
+    results = experiment.run()
+    for task, d in enumerate(results["diagnostics"]):
+        losses = seen[task]
+        tenth = max(1, len(losses) // 10)
+        assert d["train_loss_start"] == pytest.approx(sum(losses[:tenth]) / tenth)
+        assert d["train_loss_end"] == pytest.approx(sum(losses[-tenth:]) / tenth)
+    assert results["diagnostics"][0]["train_loss_end"] < results["diagnostics"][0]["train_loss_start"]  # it learns
+    frozen = Experiment(vision_config(images, "method=frozen", "classifier=prototype")).run()
+    assert not any("train_loss_end" in d for d in frozen["diagnostics"])
+
+
 def test_seeded_run_repeats_exactly(images: Path) -> None:
     a = Experiment(vision_config(images, "classifier=aligned", "aligned.epochs=1")).run()
     b = Experiment(vision_config(images, "classifier=aligned", "aligned.epochs=1")).run()

@@ -123,7 +123,9 @@ class Experiment:
             learner.end_task(ctx)
         with rt.timer(timings, "eval_s"):
             row, til, tid, routing = evaluate(learner, self.data, self.layout, task, self.probe)
-        diagnostics = {"trainable_parameters": trained["trainable_parameters"], **learner.diagnostics(),
+        diagnostics = {"trainable_parameters": trained["trainable_parameters"],
+                       **{f"train_{k}": trained[k] for k in ("loss_start", "loss_end") if k in trained},
+                       **learner.diagnostics(),
                        **({"last_step": trained["logs"]} if trained["logs"] else {}),
                        **({} if routing is None else {"routing_matrix": routing,
                                                       "routing_accuracy": routing_accuracy(routing)})}

@@ -106,8 +106,10 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
                loggers: Sequence[StepLogger] = ()) -> dict[str, Any]:
     """Train task ``ctx.index`` for ``train.epochs`` (``train`` as the learner's ``train_settings`` adjusts it): the
     learner's groups, its steps on seeded batches of the tasks it trains on; every step is handed to ``loggers`` as
-    a :class:`StepRecord`. Returns the seconds spent and the last step's logged figures. A learner whose groups
-    hold no parameter has nothing to train in this task: no epoch runs."""
+    a :class:`StepRecord`. Returns the seconds spent, the last step's logged figures and the mean loss over the
+    first and the last tenth of the task's steps (``loss_start``, ``loss_end``: a loss that ends near ``log(classes)``
+    shows a run that stopped learning, e.g. a collapsed representation). A learner whose groups hold no parameter
+    has nothing to train in this task: no epoch runs."""
     task, runtime = ctx.index, ctx.runtime
     train = learner.train_settings(train)
     groups = learner.parameter_groups(ctx)
@@ -121,6 +123,7 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
     step_module = wrap_ddp(TaskStep(learner, ctx), runtime.device, find_unused=learner.partial_gradients)
     learner.train_mode(True)
     runtime.sync()
+    losses: list[float] = []
     start = time.perf_counter()
     for epoch in range(train.epochs):
         for g in optimiser.param_groups:
@@ -143,6 +146,7 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
                 value = float(all_reduce_sum(loss.detach().double().reshape(1))) / runtime.world_size
             if not math.isfinite(value):
                 raise TrainingDiverged(task, epoch, step, value)
+            losses.append(value)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -157,5 +161,7 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
         p.requires_grad_(False)
     runtime.sync()
     logs = {k: float(v) for k, v in getattr(step_module, "module", step_module).last_logs.items()}
+    tenth = max(1, len(losses) // 10)
+    ends = {"loss_start": sum(losses[:tenth]) / tenth, "loss_end": sum(losses[-tenth:]) / tenth} if losses else {}
     return {"train_s": time.perf_counter() - start, "logs": logs,
-            "trainable_parameters": sum(p.numel() for p in params)}
+            "trainable_parameters": sum(p.numel() for p in params), **ends}
