@@ -103,6 +103,8 @@ def test_routing_accuracy_is_reported_only_for_learners_that_route() -> None:
     text = markdown(comparison)
     assert "Routing accuracy after the last task" in text and "routed 96.25 ± 5.30" in text and "plain 9" not in text
     assert csv_text(comparison).splitlines()[0].endswith("routing_accuracy_mean,routing_accuracy_std")
+    del routed[0]["diagnostics"][-1]["routing_matrix"]  # a run from before the routing counts
+    assert "routed 100.00 ± 0.00 (1 of 2 seeds)" in markdown(aggregate({"routed": routed}))
 
 
 def test_forgetting_per_task_and_memory_from_either_diagnostic() -> None:

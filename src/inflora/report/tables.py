@@ -50,6 +50,12 @@ def table_rows(comparison: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _partial(method: dict[str, Any], key: str) -> str:
+    """`` (N of M seeds)`` when only some of a method's runs record figure ``key`` (older runs), else empty."""
+    have, runs = len(method["metrics"][key]["values"]), len(method["seeds"])
+    return f" ({have} of {runs} seeds)" if have < runs else ""
+
+
 def markdown(comparison: dict[str, Any]) -> str:
     """The comparison as a markdown document: the benchmark line, the table and the figures' definitions."""
     first = comparison["methods"][0]
@@ -62,8 +68,9 @@ def markdown(comparison: dict[str, Any]) -> str:
     only = [label for label in comparison["missing"] if label not in {m["label"] for m in comparison["methods"]}]
     if only:
         lines += ["", f"No finished run yet: {', '.join(only)}."]
-    routed = [f"{m['label']} {cell(m['metrics']['routing_accuracy'], 'routing_accuracy')}"
-              for m in comparison["methods"] if "routing_accuracy" in m["metrics"]]
+    key = "routing_accuracy"
+    routed = [f"{m['label']} {cell(m['metrics'][key], key)}{_partial(m, key)}"
+              for m in comparison["methods"] if key in m["metrics"]]
     if routed:
         lines += ["", "Routing accuracy after the last task (evaluated samples sent to their own task): "
                   f"{', '.join(routed)}."]
