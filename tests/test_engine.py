@@ -13,6 +13,7 @@ from inflora.cli import main
 from inflora.config import load_config
 from inflora.engine import Experiment
 from inflora.evaluation import evaluate
+from inflora.training import MIN_STEPS_TO_JUDGE, learning_stalled
 
 
 def vision_config(root: Path, *extra: str):
@@ -72,6 +73,20 @@ def test_training_loss_at_the_start_and_end_of_each_task_is_recorded(images: Pat
     assert results["diagnostics"][0]["train_loss_end"] < results["diagnostics"][0]["train_loss_start"]  # it learns
     frozen = Experiment(vision_config(images, "method=frozen", "classifier=prototype")).run()
     assert not any("train_loss_end" in d for d in frozen["diagnostics"])
+
+
+def test_a_task_that_does_not_learn_is_flagged(images: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert learning_stalled(5.70, 5.17, 150) and not learning_stalled(3.97, 0.68, 150)  # CoLoR's two tasks
+    assert not learning_stalled(9.0, 5.0, 150) and not learning_stalled(1.0, 1.0, 1)  # it fell; one class
+    frozen = ("method=frozen", "classifier=linear", f"train.epochs={MIN_STEPS_TO_JUDGE}")
+    with caplog.at_level("WARNING", logger="inflora"):
+        Experiment(vision_config(images, *frozen, "train.lr=1e-12", "train.head_lr=1e-12")).run()  # nothing moves
+    assert [r.message.split(":")[0] for r in caplog.records] == ["task 1 did not learn", "task 2 did not learn"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="inflora"):
+        results = Experiment(vision_config(images, *frozen)).run()  # the heads learn
+    assert all(d["train_loss_end"] < 0.7 * d["train_loss_start"] for d in results["diagnostics"])
+    assert not any("did not learn" in r.message for r in caplog.records)
 
 
 def test_seeded_run_repeats_exactly(images: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,10 @@ from .faults import fault
 from .learners import Learner, TaskContext
 from .runtime import Purpose, derive_seed
 from .taskdata import TaskData
+
+log = logging.getLogger("inflora")
+MIN_STEPS_TO_JUDGE = 20
+"""Tasks with fewer training steps are never flagged as not learning (a tenth of them is too noisy a mean)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -163,5 +168,19 @@ def train_task(learner: Learner, ctx: TaskContext, data: TaskData, train: Any, p
     logs = {k: float(v) for k, v in getattr(step_module, "module", step_module).last_logs.items()}
     tenth = max(1, len(losses) // 10)
     ends = {"loss_start": sum(losses[:tenth]) / tenth, "loss_end": sum(losses[-tenth:]) / tenth} if losses else {}
+    if len(losses) >= MIN_STEPS_TO_JUDGE and learning_stalled(ends["loss_start"], ends["loss_end"], len(ctx.classes)):
+        log.warning("task %d did not learn: its training loss went from %.3f to %.3f, near chance (log %d = %.3f); "
+                    "a diverged or collapsed run? (lower train.lr)", task + 1, ends["loss_start"], ends["loss_end"],
+                    len(ctx.classes), math.log(len(ctx.classes)))
     return {"train_s": time.perf_counter() - start, "logs": logs,
             "trainable_parameters": sum(p.numel() for p in params), **ends}
+
+
+def learning_stalled(loss_start: float, loss_end: float, num_classes: int) -> bool:
+    """Whether a task's training loss (mean over the first / last tenth of its steps) ended near chance and barely
+    fell: ``loss_end >= 0.9 log(num_classes)`` and ``loss_end >= 0.8 loss_start``. The task's own class count gives
+    the lowest chance level of any loss over at least its classes, so a healthy task is not flagged; a learner whose
+    loss adds other terms may need its own reading. One class: never."""
+    if num_classes < 2:
+        return False
+    return loss_end >= 0.9 * math.log(num_classes) and loss_end >= 0.8 * loss_start
