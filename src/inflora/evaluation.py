@@ -29,11 +29,6 @@ class Evaluation(NamedTuple):
     the learner does not route"""
 
 
-def routing_accuracy(routing: list[list[int]]) -> list[float]:
-    """Per true task, the share (%) of its samples routed to itself: ``routing[i][i] / sum_j routing[i][j]``."""
-    return [100.0 * row[i] / max(sum(row), 1) for i, row in enumerate(routing)]
-
-
 @torch.no_grad()
 def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int, probe: FeatureProbe | None = None
              ) -> Evaluation:
@@ -55,7 +50,8 @@ def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int, p
     if probe is not None:
         probe.begin(data, upto, learner.classifier.feature_dim)
     counts = torch.zeros(4, upto + 1, dtype=torch.long, device=runtime.device)  # correct, task-IL, task-id, total
-    routes = torch.zeros(upto + 1, upto + 1, dtype=torch.long) if type(learner).routing is not Learner.routing else None
+    routes = (torch.zeros(upto + 1, upto + 1, dtype=torch.long, device=runtime.device)  # true task x routed task
+              if type(learner).routing is not Learner.routing else None)
     seen = 0
     for inputs, labels in batches:
         tasks = owner[seen : seen + len(labels)]
@@ -65,9 +61,8 @@ def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int, p
         else:
             logits = learner.predict(inputs, upto)
         seen += len(labels)
-        routed = learner.routing() if routes is not None else None
-        if routes is not None and routed is not None:
-            routes.index_put_((tasks.cpu(), routed.cpu()), torch.ones(len(labels), dtype=torch.long), accumulate=True)
+        if routes is not None and (routed := learner.routing()) is not None:
+            routes.index_put_((tasks, routed.to(tasks.device)), torch.ones_like(tasks), accumulate=True)
         logits = logits.float()
         pred = logits.argmax(-1)
         hit = pred == labels
@@ -81,5 +76,5 @@ def evaluate(learner: Learner, data: TaskData, layout: ClassLayout, upto: int, p
         probe.end(upto)
     total = counts[3].clamp(min=1).double()
     row, til, tid = ((100.0 * counts[k].double() / total).tolist() for k in range(3))
-    routing = None if routes is None else all_reduce_sum(routes).tolist()
+    routing = None if routes is None else all_reduce_sum(routes.cpu()).tolist()
     return Evaluation(row, til, tid, routing)

@@ -36,6 +36,8 @@ __all__ = [
     "forgetting",
     "forgetting_per_task",
     "mean_std",
+    "routing_accuracy",
+    "routing_accuracy_overall",
     "summarize",
 ]
 
@@ -180,6 +182,17 @@ def summarize(
             raise ValueError(f"{key} matrix has {len(other_rows)} rows but acc has {len(rows)}")
         out[key] = final_accuracy(other_rows, counts)
     return out
+
+
+def routing_accuracy(routing: Sequence[Sequence[int]]) -> list[float]:
+    """Per true task ``i``, the share (%) of its samples a routing learner sent to task ``i``:
+    ``R[i][i] / sum_j R[i][j]`` of the routing counts ``R`` (0 for a task without samples)."""
+    return [100.0 * row[i] / max(sum(row), 1) for i, row in enumerate(routing)]
+
+
+def routing_accuracy_overall(routing: Sequence[Sequence[int]]) -> float:
+    """The share (%) of all samples sent to their own task: ``sum_i R[i][i] / sum_ij R[i][j]``."""
+    return 100.0 * sum(row[i] for i, row in enumerate(routing)) / max(sum(map(sum, routing)), 1)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

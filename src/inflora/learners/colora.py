@@ -15,7 +15,7 @@ from torch import nn
 from ..adapter.options import RankOptions, TargetOptions
 from ..batches import call_model, select_samples
 from ..config import opt
-from ..distributed import all_reduce_sum, gather_pass_rows
+from ..distributed import gather_pass_rows
 from ..kmeans import kmeans, squared_distances
 from ..lora import LoRALinear, use_branches
 from ..runtime import Purpose, derive_seed
@@ -67,7 +67,6 @@ class CoLoRLearner(Learner):
         self.sites: list[list[LoRALinear]] = wrap_sites(self.backbone, o, o.rank)
         self.generator = torch.Generator()
         self.centroids: list[torch.Tensor] = []
-        self.routed = torch.zeros(self.num_tasks, dtype=torch.long)
         self.last_routing: torch.Tensor | None = None
 
     def layers(self) -> list[LoRALinear]:
@@ -129,7 +128,6 @@ class CoLoRLearner(Learner):
             layer.branch(str(ctx.index)).set_trainable(down=False, up=False)
         super().end_task(ctx)
         self.task_diagnostics["method_s"] = self.task_diagnostics.get("kmeans_s", 0.0)
-        self.routed.zero_()
 
     # ------------------------------------------------------------------------------------------ inference
     def identify(self, inputs: Any, upto: int) -> torch.Tensor:
@@ -191,7 +189,6 @@ class CoLoRLearner(Learner):
                 logits = self.own_branch_logits(inputs, upto)
             else:
                 logits = self.routed_logits(inputs, tasks, upto)
-        self.routed[: upto + 1] += torch.bincount(tasks.cpu(), minlength=upto + 1)
         self.last_routing = tasks
         logits = logits.float()
         return self.keep_within(logits, tasks) if self.classifier.layout.kind == "class" else logits
@@ -229,14 +226,6 @@ class CoLoRLearner(Learner):
         return super().estimate_state_bytes() + per_task * self.num_tasks
 
     # ------------------------------------------------------------------------------------------ reporting, export
-    def diagnostics(self) -> dict[str, Any]:
-        """The task's k-means figures and, after the evaluation that follows the task, how many evaluated samples
-        the centroids routed to each task (``routed``, the column sums of the engine's ``routing_matrix``, whose
-        ``routing_accuracy`` is the per-sample check; class layout: the engine's task-id accuracy equals it, since
-        a prediction stays inside the identified task)."""
-        routed = all_reduce_sum(self.routed[: self.tasks_done].clone())
-        return {**super().diagnostics(), "routed": routed.tolist()}
-
     def export_parts(self, upto: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         raise NotImplementedError("CoLoR cannot be exported as one plain model: every input first goes through the "
                                   "frozen backbone to find its task (nearest k-means centroid), then through that "

@@ -12,7 +12,7 @@ from the saved matrices with :mod:`inflora.metrics` (so every run is summarised 
   task) after the last task;
 * ``wall_s``: seconds of all tasks' phases (begin, train, end of task, evaluation; start-up excluded), ``train_s``:
   seconds of the training loops, ``trainable_parameters``: parameters trained per task, averaged over the tasks;
-* ``routing_accuracy``, only for learners that route each sample to a task (CoLoR): the share of all seen test
+* ``routing_accuracy``, only for learners that route each sample to a task (CoLoR): the share of all evaluated
   samples sent to their own task after the last task, ``sum_i R[i][i] / sum_ij R[i][j]`` of the last task's
   ``routing_matrix`` ``R``.
 
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..metrics import accuracy_after, forgetting_per_task, mean_std, summarize
+from ..metrics import accuracy_after, forgetting_per_task, mean_std, routing_accuracy_overall, summarize
 from ..results import SUMMARY_KEYS
 from ..runtime import autocast_enabled, precision_name
 
@@ -83,8 +83,7 @@ def run_metrics(results: dict[str, Any]) -> dict[str, float]:
         out["trainable_parameters"] = float(np.mean(trained))
     routing = (results.get("diagnostics") or [{}])[-1].get("routing_matrix")
     if routing:
-        total = sum(map(sum, routing))
-        out["routing_accuracy"] = 100.0 * sum(row[i] for i, row in enumerate(routing)) / max(total, 1)
+        out["routing_accuracy"] = routing_accuracy_overall(routing)
     return out
 
 
