@@ -64,6 +64,9 @@ COMPARE_GRIDS = {  # the committed `inflora compare --methods` files: preset, co
     "clinc150-ciphers-val-adapters.yaml": ("clinc150-ciphers", ["scenario.eval_split=val",
                                                                 "scenario.domains=[plain,cipher-1,cipher-2]",
                                                                 "scenario.max_train_per_class=30"], 24),
+    "clinc150-ciphers-val-colora.yaml": ("clinc150-ciphers", ["scenario.eval_split=val",
+                                                              "scenario.domains=[plain,cipher-1,cipher-2]",
+                                                              "scenario.max_train_per_class=30"], 2),
     "clinc150-cipher-chosen.yaml": ("clinc150-cipher", [], 16),
     "clinc150-cipher-val-rest.yaml": ("clinc150-cipher", ["scenario.eval_split=val", "scenario.num_tasks=3",
                                                           "scenario.classes_per_task=15"], 30),
@@ -106,7 +109,18 @@ def test_ciphers_adapter_grids_vary_only_the_head() -> None:
     chosen = [resolve("clinc150-ciphers", v, [], seed=0) for v in chosen_grid]
     adapters = [c for c in chosen if c.method in lr]
     assert sorted(c.method for c in adapters) == sorted(lr)
-    assert all((c.classifier, c.train.epochs, c.train.lr) == ("ridge", 1, lr[c.method]) for c in adapters)
+    chosen_lr = {**lr, "colora": 1e-3}  # CoLoR's rate was chosen again over 3 validation seeds (val-colora grid)
+    assert all((c.classifier, c.train.epochs, c.train.lr) == ("ridge", 1, chosen_lr[c.method]) for c in adapters)
+
+
+def test_ciphers_colora_grid_varies_only_the_learning_rate() -> None:
+    """CoLoR's 3-seed validation grid: the one-seed choice (5e-3, as in the adapters grid) against 1e-3, ridge head."""
+    configs = [resolve("clinc150-ciphers", v, [], seed=0)
+               for v in parse_methods(str(GRIDS / "clinc150-ciphers-val-colora.yaml"))]
+    assert [(c.method, c.classifier, c.train.epochs, c.train.lr) for c in configs] == [
+        ("colora", "ridge", 1, 5e-3), ("colora", "ridge", 1, 1e-3)]
+    one_seed = [v for v in parse_methods(str(GRIDS / "clinc150-ciphers-val-adapters.yaml")) if v.label == "colora-ridge"]
+    assert resolve("clinc150-ciphers", one_seed[0], [], seed=0) == configs[0]
 
 
 def test_option_sections_go_to_the_variants_that_own_them() -> None:
