@@ -119,8 +119,8 @@ def test_ciphers_colora_grid_varies_only_the_learning_rate() -> None:
                for v in parse_methods(str(GRIDS / "clinc150-ciphers-val-colora.yaml"))]
     assert [(c.method, c.classifier, c.train.epochs, c.train.lr) for c in configs] == [
         ("colora", "ridge", 1, 5e-3), ("colora", "ridge", 1, 1e-3)]
-    one_seed = [v for v in parse_methods(str(GRIDS / "clinc150-ciphers-val-adapters.yaml")) if v.label == "colora-ridge"]
-    assert resolve("clinc150-ciphers", one_seed[0], [], seed=0) == configs[0]
+    adapters = {v.label: v for v in parse_methods(str(GRIDS / "clinc150-ciphers-val-adapters.yaml"))}
+    assert resolve("clinc150-ciphers", adapters["colora-ridge"], [], seed=0) == configs[0]
 
 
 def test_option_sections_go_to_the_variants_that_own_them() -> None:
